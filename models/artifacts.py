@@ -1,0 +1,197 @@
+"""Model directories: a JSON manifest plus one safetensors bank per fold, every file hashed.
+
+No pickles anywhere: loading a model never executes code from the artifact. Loading checks the format
+version, every file's sha256 and the consistency of the banks with the recorded config before anything
+is scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from models.config import PatchCoreConfig
+from models.errors import ArtifactError, ConfigError
+from models.memory_bank import MemoryBank
+
+if TYPE_CHECKING:
+    from models.ensemble import FoldEnsemble
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_LIBRARIES = ("torch", "torchvision", "faiss-cpu", "numpy", "pillow", "safetensors", "scikit-learn")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensemble_version(ensemble: FoldEnsemble) -> str:
+    """A content id: sha256 over the config, the training images' hashes and the banks' bytes (16 hex)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(ensemble.config.to_dict(), sort_keys=True).encode())
+    for image in ensemble.training_images:
+        digest.update(f"{image.id}\0{image.sha256}\n".encode())
+    for fold in ensemble.folds:
+        digest.update(np.ascontiguousarray(fold.bank.vectors).tobytes())
+        digest.update(repr(fold.threshold).encode())
+    return digest.hexdigest()[:16]
+
+
+def save_ensemble(ensemble: FoldEnsemble, directory: Path) -> Path:
+    """Write the model directory atomically enough: files first, the manifest (which names them) last."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    folds = []
+    for fold in ensemble.folds:
+        name = f"fold_{fold.index}.safetensors"
+        path = directory / name
+        save_file({"bank": np.ascontiguousarray(fold.bank.vectors, dtype=np.float32)}, str(path))
+        files[name] = sha256_file(path)
+        folds.append(
+            {
+                "index": fold.index,
+                "file": name,
+                "threshold": fold.threshold,
+                "bank_size": fold.bank.n_entries,
+                "validation_ids": list(fold.validation_ids),
+                "n_train_images": len(fold.train_ids),
+            }
+        )
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "version": ensemble.version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": ensemble.config.to_dict(),
+        "backbone": ensemble.config.backbone,
+        "layers": list(ensemble.config.layers),
+        "seeds": {
+            "kfold": ensemble.config.seed,
+            "coreset": [ensemble.config.seed * 1_000 + f.index for f in ensemble.folds],
+        },
+        "embed_dim": ensemble.folds[0].bank.embed_dim,
+        "grid": list(ensemble.grid),
+        "threshold": ensemble.threshold,
+        "fold_thresholds": list(ensemble.fold_thresholds),
+        "folds": folds,
+        "training_images": [{"id": t.id, "sha256": t.sha256} for t in ensemble.training_images],
+        "skipped_images": ensemble.report.skipped,
+        "timings_s": {k: round(v, 3) for k, v in ensemble.report.seconds.items()},
+        "files": files,
+        "environment": _environment(),
+    }
+    _write_json_atomic(directory / MANIFEST, manifest)
+    return directory
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a waferwatch model directory: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} cannot be read as JSON: {exc}") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format_version {version!r}; this waferwatch reads format {FORMAT_VERSION} (upgrade it)"
+        )
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a directory whose files are missing or differ from the hashes in its manifest."""
+    files = manifest.get("files") or {}
+    if not files:
+        raise ArtifactError(f"{directory / MANIFEST} lists no files")
+    for name, expected in sorted(files.items()):
+        if Path(name).name != name:
+            raise ArtifactError(f"{directory / MANIFEST} names a file outside the model directory: {name!r}")
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"{path} has sha256 {actual[:12]}… but the manifest expects {expected[:12]}…: the model was "
+                "modified or copied incompletely; rebuild or re-copy it"
+            )
+
+
+def load_ensemble(directory: Path, *, device: str | torch.device | None = "auto") -> FoldEnsemble:
+    from models.ensemble import FitReport, Fold, FoldEnsemble, TrainingImage
+
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    try:
+        config = PatchCoreConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ArtifactError(f"{directory / MANIFEST} has an invalid config: {exc}") from exc
+    all_ids = [t["id"] for t in manifest["training_images"]]
+    folds = []
+    for entry in manifest["folds"]:
+        tensors = load_file(str(directory / entry["file"]))
+        bank = tensors.get("bank")
+        if bank is None or bank.ndim != 2 or bank.shape != (entry["bank_size"], manifest["embed_dim"]):
+            raise ArtifactError(f"{directory / entry['file']} does not hold a bank of the recorded shape")
+        validation = tuple(entry["validation_ids"])
+        held_out = set(validation)
+        folds.append(
+            Fold(
+                index=entry["index"],
+                train_ids=tuple(i for i in all_ids if i not in held_out),
+                validation_ids=validation,
+                threshold=float(entry["threshold"]),
+                bank=MemoryBank(bank),
+            )
+        )
+    ensemble = FoldEnsemble(
+        config,
+        folds,
+        training_images=[TrainingImage(**t) for t in manifest["training_images"]],
+        grid=(int(manifest["grid"][0]), int(manifest["grid"][1])),
+        device=device,
+        report=FitReport(seconds=dict(manifest.get("timings_s", {})), skipped=list(manifest.get("skipped_images", []))),
+    )
+    if ensemble.version != manifest["version"]:
+        raise ArtifactError(
+            f"{directory} recomputes to version {ensemble.version} but the manifest says {manifest['version']}"
+        )
+    if not np.isclose(ensemble.threshold, manifest["threshold"], rtol=0, atol=0):
+        raise ArtifactError(f"{directory}: fold thresholds do not aggregate to the recorded threshold")
+    return ensemble
+
+
+def _environment() -> dict[str, Any]:
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "libraries": versions}
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".manifest-", suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    Path(temporary).replace(path)

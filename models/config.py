@@ -1,0 +1,104 @@
+"""The one configuration object of the model core.
+
+Frozen so a fitted ensemble can carry the exact config it was built with into its manifest, and compared
+field by field when a model directory is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from models.errors import ConfigError
+
+ThresholdAggregate = Literal["mean", "max", "median"]
+ScoreAggregate = Literal["max", "mean"]
+
+#: Layers tapped by default for each backbone (mid-level features, as in PatchCore).
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": ("blocks.4", "blocks.10"),
+    "wide_resnet101_2": ("layer2", "layer3"),
+    "wide_resnet50_2": ("layer2", "layer3"),
+    "resnet50": ("layer2", "layer3"),
+    "efficientnet_b1": ("features.3", "features.5"),
+    "densenet121": ("features.denseblock2", "features.denseblock3"),
+}
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """Everything that determines a fitted fold ensemble and its scores.
+
+    Defaults follow the Dacon-winning recipe (3×3 neighbourhood, k=5, eq. 7 re-weighting, 5 folds, threshold
+    = mean of per-fold validation maxima, score = max over folds) on the offline EfficientNet-Lite0 backbone.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] = ()  # empty → DEFAULT_LAYERS[backbone]
+    weights_path: str | None = None  # torchvision backbones: explicit weights file
+    image_size: int = 224
+    patch_size: int = 3  # local neighbourhood averaged around each feature-map position
+    target_dim: int | None = None  # None → keep the concatenated channel count (no projection)
+    coreset_ratio: float = 0.10
+    coreset_projection_dim: int = 128
+    k: int = 5
+    reweight: bool = True  # PatchCore eq. 7
+    folds: int = 5
+    seed: int = 0
+    threshold_aggregate: ThresholdAggregate = "mean"
+    score_aggregate: ScoreAggregate = "max"
+    smoothing_sigma: float = 4.0
+    max_image_pixels: int = 64_000_000
+    batch_size: int = 32
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in DEFAULT_LAYERS:
+            raise ConfigError(f"backbone={self.backbone!r} is unknown; choose one of {sorted(DEFAULT_LAYERS)}")
+        if not self.layers:
+            object.__setattr__(self, "layers", DEFAULT_LAYERS[self.backbone])
+        object.__setattr__(self, "layers", tuple(self.layers))
+        _check(self.image_size >= 32, f"image_size={self.image_size} must be at least 32")
+        _check(self.patch_size >= 1 and self.patch_size % 2 == 1, f"patch_size={self.patch_size} must be odd")
+        _check(self.target_dim is None or self.target_dim >= 1, f"target_dim={self.target_dim} must be >= 1")
+        _check(0.0 < self.coreset_ratio <= 1.0, f"coreset_ratio={self.coreset_ratio} must be in (0, 1]")
+        _check(self.coreset_projection_dim >= 1, "coreset_projection_dim must be >= 1")
+        _check(self.k >= 1, f"k={self.k} must be >= 1")
+        _check(self.folds >= 2, f"folds={self.folds} must be at least 2 (each fold needs a validation part)")
+        _check(
+            self.threshold_aggregate in ("mean", "max", "median"),
+            f"threshold_aggregate={self.threshold_aggregate!r} must be mean, max or median",
+        )
+        _check(self.score_aggregate in ("max", "mean"), f"score_aggregate={self.score_aggregate!r}")
+        _check(self.smoothing_sigma >= 0, f"smoothing_sigma={self.smoothing_sigma} must be >= 0")
+        _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatchCoreConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are refused so a newer manifest is not misread."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}; this waferwatch is older than the model")
+        values = dict(data)
+        if "layers" in values:
+            values["layers"] = tuple(values["layers"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> PatchCoreConfig:
+        """A copy with some fields changed (re-validated)."""
+        if "backbone" in changes and "layers" not in changes:
+            changes["layers"] = ()
+        return dataclasses.replace(self, **changes)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

@@ -1,0 +1,55 @@
+"""Patch features as in PatchCore (Roth et al., 2022, §3.1).
+
+Each tapped feature map is averaged over a local ``patch_size``² neighbourhood (locally aware patch
+features), all maps are aligned to the finest grid, concatenated along channels and, optionally, reduced to
+``target_dim`` by adaptive average pooling over the channel axis (parameter-free, so nothing to fit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def aggregate_neighbourhood(features: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Average each position with its ``patch_size``² neighbours; shape kept: (n, c, h, w).
+
+    Border positions average over the neighbours that exist (``count_include_pad=False``), so edges are not
+    darkened by zero padding.
+    """
+    if patch_size == 1:
+        return features
+    return F.avg_pool2d(features, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
+
+
+def embed_patches(
+    layer_features: Sequence[torch.Tensor],
+    *,
+    patch_size: int = 3,
+    target_dim: int | None = None,
+) -> torch.Tensor:
+    """Combine tapped layers into one embedding per patch.
+
+    Args:
+        layer_features: feature maps ``(n_images, c_l, h_l, w_l)``; the first has the finest grid.
+        patch_size: neighbourhood size of :func:`aggregate_neighbourhood`.
+        target_dim: channel count after adaptive average pooling; ``None`` keeps ``sum(c_l)``.
+
+    Returns:
+        ``(n_images, h, w, embed_dim)`` float32, ``h, w`` the finest grid.
+    """
+    height, width = layer_features[0].shape[-2:]
+    aligned = []
+    for features in layer_features:
+        features = aggregate_neighbourhood(features, patch_size)
+        if features.shape[-2:] != (height, width):
+            features = F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
+        aligned.append(features)
+    stacked = torch.cat(aligned, dim=1).permute(0, 2, 3, 1)  # (n, h, w, c)
+    if target_dim is not None and target_dim != stacked.shape[-1]:
+        n_images, h, w, channels = stacked.shape
+        flat = stacked.reshape(-1, 1, channels)
+        stacked = F.adaptive_avg_pool1d(flat, target_dim).reshape(n_images, h, w, target_dim)
+    return stacked.contiguous()

@@ -1,0 +1,1 @@
+"""Periodic work: retraining and reconciliation, driven by Celery beat."""

@@ -1,0 +1,132 @@
+"""The Alembic migrations on real PostgreSQL and SQLite: round trips, parity with the models, entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from worker.db import current_revision, downgrade_database, head_revision, make_engine, upgrade_database
+from worker.schema import Base
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+APP_TABLES = {"images", "model_versions", "inferences", "failures", "labels"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A brand-new, never-migrated database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fresh.db'}"
+    factory: Callable[[], str] = request.getfixturevalue("pg_database_factory")
+    return factory()
+
+
+def _tables(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_downgrade_upgrade_round_trip(empty_db_url: str) -> None:
+    assert current_revision(empty_db_url) is None
+
+    upgrade_database(empty_db_url)
+    assert current_revision(empty_db_url) == head_revision()
+    assert _tables(empty_db_url) >= APP_TABLES
+
+    downgrade_database(empty_db_url, "base")
+    assert current_revision(empty_db_url) is None
+    assert not _tables(empty_db_url) & APP_TABLES
+
+    upgrade_database(empty_db_url)
+    upgrade_database(empty_db_url)  # already at head: a no-op, not an error
+    assert current_revision(empty_db_url) == head_revision()
+
+
+def test_migrated_schema_matches_models(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            diffs = compare_metadata(context, Base.metadata)
+    finally:
+        engine.dispose()
+    assert diffs == []
+
+
+def test_one_active_model_version_index_is_partial_and_unique(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        indexes = {index["name"]: index for index in inspect(engine).get_indexes("model_versions")}
+    finally:
+        engine.dispose()
+    index = indexes["uq_model_versions_one_active"]
+    assert index["unique"]
+    dialect_options = index.get("dialect_options", {})
+    where = dialect_options.get("postgresql_where") or dialect_options.get("sqlite_where")
+    assert "active" in str(where)
+
+
+def test_upgrade_database_works_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    url = "sqlite:///nested/dir/waferwatch.db"  # relative to the CWD; the parent is created on use
+    upgrade_database(url)
+    assert (elsewhere / "nested" / "dir" / "waferwatch.db").is_file()
+    assert current_revision(url) == head_revision()
+
+
+def _alembic(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_alembic_command_line_from_repo_root(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WAFERWATCH_")}
+    from_settings = tmp_path / "from_settings.db"
+    result = _alembic("upgrade", "head", env={**env, "WAFERWATCH_DATABASE_URL": f"sqlite:///{from_settings}"})
+    assert result.returncode == 0, result.stderr
+    assert current_revision(f"sqlite:///{from_settings}") == head_revision()
+
+    from_x = tmp_path / "from_x.db"
+    result = _alembic("-x", f"url=sqlite:///{from_x}", "upgrade", "head", env=env)
+    assert result.returncode == 0, result.stderr
+    assert current_revision(f"sqlite:///{from_x}") == head_revision()
+    result = _alembic("-x", f"url=sqlite:///{from_x}", "downgrade", "base", env=env)
+    assert result.returncode == 0, result.stderr
+    assert current_revision(f"sqlite:///{from_x}") is None
+
+
+def test_waferwatch_db_commands(tmp_path: Path) -> None:
+    cli = pytest.importorskip("worker.cli", reason="the CLI package does not import yet", exc_type=ImportError)
+    from typer.testing import CliRunner
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["db", "upgrade", "--url", url])
+    assert result.exit_code == 0, result.output
+    assert current_revision(url) == head_revision()
+    result = runner.invoke(cli.app, ["db", "current", "--url", url])
+    assert result.exit_code == 0, result.output
+    assert head_revision() in result.stdout
+    result = runner.invoke(cli.app, ["db", "downgrade", "base", "--url", url])
+    assert result.exit_code == 0, result.output
+    assert current_revision(url) is None

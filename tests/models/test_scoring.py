@@ -1,0 +1,70 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.ensemble import aggregate_thresholds
+from models.memory_bank import MemoryBank
+from models.scoring import anomaly_maps, patch_scores, reweighted_image_scores
+
+
+@pytest.fixture
+def bank_and_queries():
+    rng = np.random.default_rng(0)
+    return MemoryBank(rng.normal(size=(300, 24)).astype(np.float32)), rng.normal(size=(50, 24)).astype(np.float32)
+
+
+def test_knn_matches_brute_force(bank_and_queries):
+    bank, queries = bank_and_queries
+    distances, indices = bank.search(queries, 5)
+    brute = np.linalg.norm(queries[:, None, :] - bank.vectors[None, :, :], axis=2)
+    expected_idx = np.argsort(brute, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(indices, expected_idx)
+    np.testing.assert_allclose(distances, np.take_along_axis(brute, expected_idx, axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_score_is_mean_distance_to_k_nearest(bank_and_queries):
+    bank, queries = bank_and_queries
+    scores, nearest = patch_scores(bank, queries, 5)
+    brute = np.sort(np.linalg.norm(queries[:, None, :] - bank.vectors[None], axis=2), axis=1)
+    np.testing.assert_allclose(scores, brute[:, :5].mean(axis=1), rtol=1e-4)
+    assert nearest.shape == (50,)
+
+
+def test_eq7_reweighting_against_the_formula(bank_and_queries):
+    bank, queries = bank_and_queries
+    k = 5
+    patches = queries.reshape(2, 25, 24)
+    scores, nearest = patch_scores(bank, queries, k)
+    scores, nearest = scores.reshape(2, 25), nearest.reshape(2, 25)
+    got = reweighted_image_scores(bank, patches, scores, nearest, k)
+    for image in range(2):
+        worst = int(np.argmax(scores[image]))
+        m_test = patches[image, worst].astype(np.float64)
+        m_star = bank.vectors[nearest[image, worst]].astype(np.float64)
+        bank_d = np.linalg.norm(bank.vectors.astype(np.float64) - m_star, axis=1)
+        support = np.argsort(bank_d, kind="stable")[:k]
+        numerator = math.exp(np.linalg.norm(m_test - m_star))
+        denominator = sum(math.exp(np.linalg.norm(m_test - bank.vectors[j])) for j in support)
+        expected = (1 - numerator / denominator) * scores[image, worst]
+        assert got[image] == pytest.approx(expected, rel=1e-4)
+        assert 0 < got[image] < scores[image, worst]
+
+
+def test_anomaly_map_is_upsampled_and_smoothed():
+    grid = torch.zeros(1, 8, 8)
+    grid[0, 4, 4] = 1.0
+    maps = anomaly_maps(grid, 64, sigma=4.0)
+    assert maps.shape == (1, 64, 64)
+    peak = np.unravel_index(int(maps[0].argmax()), (64, 64))
+    assert abs(peak[0] - 36) <= 4 and abs(peak[1] - 36) <= 4
+    assert float(maps[0].max()) < 1.0  # smoothing spreads the peak
+    unsmoothed = anomaly_maps(grid, 64, sigma=0.0)
+    assert float(unsmoothed.max()) > float(maps.max())
+
+
+def test_threshold_aggregates():
+    assert aggregate_thresholds([1.0, 2.0, 6.0], "mean") == pytest.approx(3.0)
+    assert aggregate_thresholds([1.0, 2.0, 6.0], "max") == 6.0
+    assert aggregate_thresholds([1.0, 2.0, 6.0], "median") == 2.0

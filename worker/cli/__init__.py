@@ -1,0 +1,14 @@
+"""The ``waferwatch`` command line.
+
+Each command group lives in its own module and registers itself on :data:`app`; this module only
+assembles them and turns domain errors into one clear line (``--debug`` keeps the traceback).
+"""
+
+from __future__ import annotations
+
+from worker.cli import db_cmds as _db_cmds  # noqa: F401  (registers config/db)
+from worker.cli import ingest_cmds as _ingest_cmds  # noqa: F401  (registers ingest/reconcile)
+from worker.cli import model_cmds as _model_cmds  # noqa: F401  (registers train/score/evaluate/dacon)
+from worker.cli.root import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,96 @@
+"""``waferwatch config`` and ``waferwatch db ...``: inspect settings and migrate the results database.
+
+Settings are read here, at the entry point, and only the URL is passed down to :mod:`worker.db`.
+Command output (the settings, the revision) goes to stdout so it can be piped; progress and errors go
+to the shared stderr console.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from worker.cli.root import app, console
+from worker.settings import get_settings, mask_url
+
+db_app = typer.Typer(help="Create, migrate and inspect the results database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+class OutputFormat(StrEnum):
+    """How ``waferwatch config`` prints."""
+
+    TABLE = "table"
+    JSON = "json"
+
+
+def _database_url(url: str | None) -> str:
+    """``--url`` when given (normalised like the setting), else the configured ``database_url``."""
+    from worker.db import normalize_database_url
+
+    return normalize_database_url(url) if url else get_settings().database_url
+
+
+URL_OPTION = typer.Option(None, "--url", help="Database URL (default: WAFERWATCH_DATABASE_URL / settings).")
+
+
+@app.command("config")
+def show_config(
+    output_format: OutputFormat = typer.Option(OutputFormat.TABLE, "--format", "-f", help="table or json."),
+) -> None:
+    """Print the effective settings (environment, .env and defaults), with secrets masked."""
+    values = get_settings().masked()
+    if output_format is OutputFormat.JSON:
+        typer.echo(json.dumps(values, indent=2, sort_keys=True, default=str))
+        return
+    table = Table(title="waferwatch settings", show_lines=False)
+    table.add_column("setting", style="cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for name, value in values.items():
+        table.add_row(name, "" if value is None else str(value))
+    Console().print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    url: str | None = URL_OPTION,
+    revision: str = typer.Option("head", "--revision", "-r", help="Target revision."),
+) -> None:
+    """Migrate the results database up to REVISION (default: the newest). Safe to repeat."""
+    from worker.db import current_revision, upgrade_database
+
+    database_url = _database_url(url)
+    console.print(f"upgrading {mask_url(database_url)} to {revision}")
+    upgrade_database(database_url, revision)
+    typer.echo(current_revision(database_url) or "base")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: str = typer.Argument(..., help="Target revision, e.g. -1 or base (drops every table)."),
+    url: str | None = URL_OPTION,
+) -> None:
+    """Migrate the results database down to REVISION."""
+    from worker.db import current_revision, downgrade_database
+
+    database_url = _database_url(url)
+    console.print(f"downgrading {mask_url(database_url)} to {revision}")
+    downgrade_database(database_url, revision)
+    typer.echo(current_revision(database_url) or "base")
+
+
+@db_app.command("current")
+def db_current(url: str | None = URL_OPTION) -> None:
+    """Print the database's revision (``base`` if never migrated) and whether it is the newest."""
+    from worker.db import current_revision, head_revision
+
+    database_url = _database_url(url)
+    current = current_revision(database_url)
+    head = head_revision()
+    typer.echo(current or "base")
+    if current != head:
+        console.print(f"[yellow]not at head[/yellow] ({head}); run `waferwatch db upgrade`")

@@ -1,0 +1,493 @@
+"""Reads and writes of the results database, one function per question or state change.
+
+Every function takes the session as its first argument, runs inside the caller's unit of work
+(:func:`worker.db.session_scope`) and never commits: the task or command decides when its work is
+durable. Writes that may be repeated (a redelivered message, two event sources seeing one object,
+two worker processes racing) are single ``INSERT ... ON CONFLICT`` statements or conditional UPDATEs,
+so repeating them does no harm on PostgreSQL or SQLite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sqlalchemy import Select, Table, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from worker.errors import PermanentError
+from worker.schema import IMAGE_KINDS, MODEL_STATUSES, Failure, Image, Inference, ModelVersion, utcnow
+
+__all__ = [
+    "ImageSummary",
+    "Summary",
+    "UnknownModelVersionError",
+    "ensure_model_version",
+    "get_active_model_version",
+    "get_image",
+    "has_inference",
+    "images_without_rows",
+    "known_keys",
+    "latest_inference",
+    "mark_skipped",
+    "record_failure",
+    "record_inference",
+    "register_image",
+    "set_active_model_version",
+    "set_image_sha256",
+    "summary",
+    "update_model_version",
+]
+
+MAX_MESSAGE_CHARS: Final = 4000
+METADATA_COLUMNS: Final = ("lot", "wafer", "tool")
+_IN_CHUNK: Final = 500  # keeps IN (...) lists under SQLite's bound-parameter limit
+_TIMING_FIELDS: Final = ("download_ms", "decode_ms", "model_ms")
+
+
+class UnknownModelVersionError(PermanentError, LookupError):
+    """A model version id that has no ``model_versions`` row (retrying won't create it)."""
+
+
+def _insert(session: Session, table: Table) -> Any:
+    """The dialect's INSERT construct, which has ``on_conflict_do_nothing``/``_do_update``.
+
+    Built on the Table (not the mapped class) so ``values()`` keys are column names.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"waferwatch supports PostgreSQL and SQLite, not {dialect!r}")
+
+
+def _truncate(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+def register_image(
+    session: Session,
+    *,
+    bucket: str,
+    key: str,
+    etag: str | None,
+    size: int | None,
+    metadata: Mapping[str, str] | None = None,
+    kind: str = "incoming",
+) -> tuple[Image, bool]:
+    """Return the ``images`` row of this object version, inserting it if new; ``created`` says which.
+
+    Safe to call any number of times, from any number of processes: the insert is ``ON CONFLICT DO
+    NOTHING`` on (bucket, key, etag_or_version), and the row is then read back. On PostgreSQL a racing
+    insert waits for the other transaction and then finds its row. ``lot``, ``wafer`` and ``tool`` are
+    copied out of ``metadata`` into indexed columns.
+    """
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"kind must be one of {IMAGE_KINDS}, got {kind!r}")
+    meta = dict(metadata or {})
+    etag_or_version = etag or ""
+    now = utcnow()
+    statement = (
+        _insert(session, Image.__table__)
+        .values(
+            bucket=bucket,
+            key=key,
+            etag_or_version=etag_or_version,
+            size=size,
+            metadata=meta,
+            kind=kind,
+            first_seen_at=now,
+            status="queued",
+            status_changed_at=now,
+            **{column: meta.get(column) or None for column in METADATA_COLUMNS},
+        )
+        .on_conflict_do_nothing(index_elements=["bucket", "key", "etag_or_version"])
+        .returning(Image.id)
+    )
+    inserted_id = session.execute(statement).scalar_one_or_none()
+    image = session.scalars(
+        select(Image).where(Image.bucket == bucket, Image.key == key, Image.etag_or_version == etag_or_version)
+    ).one()
+    return image, inserted_id is not None
+
+
+def get_image(session: Session, *, image_id: int) -> Image | None:
+    """The image with this id, or None."""
+    return session.get(Image, image_id)
+
+
+def set_image_sha256(session: Session, *, image_id: int, sha256: str) -> None:
+    """Record the content hash once the bytes have been fetched (first writer wins)."""
+    session.execute(update(Image).where(Image.id == image_id, Image.sha256.is_(None)).values(sha256=sha256))
+
+
+def known_keys(session: Session, bucket: str, prefix: str = "") -> set[str]:
+    """Keys under ``prefix`` in ``bucket`` that have at least one ``images`` row (for reconciliation)."""
+    query = select(Image.key).where(Image.bucket == bucket).distinct()
+    if prefix:
+        query = query.where(Image.key.startswith(prefix, autoescape=True))
+    return set(session.scalars(query))
+
+
+def images_without_rows(session: Session, *, bucket: str, keys: Iterable[str]) -> list[str]:
+    """The subset of ``keys`` (in their order, without repeats) that has no ``images`` row in ``bucket``.
+
+    Used by reconciliation to find objects an event source missed; the lookup is chunked so a long
+    listing stays within SQLite's parameter limit.
+    """
+    wanted = list(dict.fromkeys(keys))
+    found: set[str] = set()
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start : start + _IN_CHUNK]
+        found.update(session.scalars(select(Image.key).where(Image.bucket == bucket, Image.key.in_(chunk))))
+    return [key for key in wanted if key not in found]
+
+
+def mark_skipped(session: Session, *, image_id: int, reason: str) -> None:
+    """Mark an image as deliberately not scored (too large, not an image, ...) and say why."""
+    session.execute(
+        update(Image)
+        .where(Image.id == image_id)
+        .values(status="skipped", status_reason=_truncate(reason), status_changed_at=utcnow())
+    )
+
+
+# --- inferences and failures ---------------------------------------------------------------------
+
+
+def record_inference(
+    session: Session,
+    *,
+    image_id: int,
+    model_version: str,
+    score: float,
+    threshold: float,
+    is_anomalous: bool,
+    fold_scores: Sequence[float],
+    heatmap_key: str | None = None,
+    timings: Mapping[str, float] | None = None,
+) -> bool:
+    """Store the score of one image by one model version; False if it was already stored.
+
+    Idempotent on (image_id, model_version), so a redelivered task writes nothing new. The image is
+    marked ``scored`` either way (a conditional UPDATE: no write when it already is). ``timings`` may
+    hold ``download_ms``, ``decode_ms`` and ``model_ms``.
+    """
+    timings = timings or {}
+    unknown = set(timings) - set(_TIMING_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown timing fields {sorted(unknown)}; expected some of {_TIMING_FIELDS}")
+    statement = (
+        _insert(session, Inference.__table__)
+        .values(
+            image_id=image_id,
+            model_version=model_version,
+            score=float(score),
+            threshold=float(threshold),
+            is_anomalous=bool(is_anomalous),
+            fold_scores=[float(value) for value in fold_scores],
+            heatmap_key=heatmap_key,
+            created_at=utcnow(),
+            **{name: (float(timings[name]) if name in timings else None) for name in _TIMING_FIELDS},
+        )
+        .on_conflict_do_nothing(index_elements=["image_id", "model_version"])
+        .returning(Inference.id)
+    )
+    created = session.execute(statement).scalar_one_or_none() is not None
+    session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status != "scored")
+        .values(status="scored", status_reason=None, status_changed_at=utcnow())
+    )
+    return created
+
+
+def has_inference(session: Session, *, image_id: int, model_version: str) -> bool:
+    """Whether this image already has a score from this model version (skip work on redelivery)."""
+    query = select(Inference.id).where(Inference.image_id == image_id, Inference.model_version == model_version)
+    return session.execute(query.limit(1)).first() is not None
+
+
+def latest_inference(session: Session, *, image_id: int) -> Inference | None:
+    """The newest inference of an image, whatever the model version."""
+    query = (
+        select(Inference)
+        .where(Inference.image_id == image_id)
+        .order_by(Inference.created_at.desc(), Inference.id.desc())
+        .limit(1)
+    )
+    return session.scalars(query).first()
+
+
+def record_failure(session: Session, *, image_id: int, error_type: str, message: str) -> int:
+    """Upsert the dead-letter row of an image and mark the image ``failed``; return the attempt count.
+
+    The first failure inserts ``attempts = 1``; each repeat updates the error, ``last_at`` and
+    increments ``attempts`` in the same statement, so concurrent failures never lose a count.
+    """
+    now = utcnow()
+    message = _truncate(message)
+    insert = _insert(session, Failure.__table__).values(
+        image_id=image_id, error_type=error_type, message=message, attempts=1, first_at=now, last_at=now
+    )
+    statement = insert.on_conflict_do_update(
+        index_elements=["image_id"],
+        set_={
+            "error_type": insert.excluded.error_type,
+            "message": insert.excluded.message,
+            "last_at": insert.excluded.last_at,
+            "attempts": Failure.__table__.c.attempts + 1,
+        },
+    ).returning(Failure.attempts)
+    attempts = session.execute(statement).scalar_one()
+    session.execute(
+        update(Image)
+        .where(Image.id == image_id)
+        .values(status="failed", status_reason=_truncate(f"{error_type}: {message}"), status_changed_at=now)
+    )
+    return int(attempts)
+
+
+# --- model versions ------------------------------------------------------------------------------
+
+
+def ensure_model_version(
+    session: Session,
+    *,
+    version: str,
+    manifest: Mapping[str, Any] | None = None,
+    artifact_uri: str | None = None,
+    threshold: float | None = None,
+    fold_thresholds: Sequence[float] = (),
+    status: str = "candidate",
+    metrics: Mapping[str, Any] | None = None,
+) -> tuple[ModelVersion, bool]:
+    """Return the ``model_versions`` row for ``version``, inserting it if missing; ``created`` says which.
+
+    An existing row is returned unchanged (use :func:`update_model_version` to change it), so two
+    processes registering the same artifact agree. ``status="active"`` on a new row goes through
+    :func:`set_active_model_version`, which retires the previous active version.
+    """
+    if status not in MODEL_STATUSES:
+        raise ValueError(f"status must be one of {MODEL_STATUSES}, got {status!r}")
+    statement = (
+        _insert(session, ModelVersion.__table__)
+        .values(
+            id=version,
+            manifest=dict(manifest or {}),
+            artifact_uri=artifact_uri,
+            threshold=None if threshold is None else float(threshold),
+            fold_thresholds=[float(value) for value in fold_thresholds],
+            status="candidate" if status == "active" else status,
+            created_at=utcnow(),
+            metrics=dict(metrics or {}),
+        )
+        .on_conflict_do_nothing(index_elements=["id"])
+        .returning(ModelVersion.id)
+    )
+    created = session.execute(statement).scalar_one_or_none() is not None
+    if created and status == "active":
+        return set_active_model_version(session, version), True
+    row = session.get(ModelVersion, version, populate_existing=True)
+    if row is None:  # only if another transaction deleted it in between
+        raise UnknownModelVersionError(f"model version {version!r} vanished while being registered")
+    return row, created
+
+
+_UNSET: Final = object()
+
+
+def update_model_version(
+    session: Session,
+    *,
+    version: str,
+    status: str | None = None,
+    stage: str | object | None = _UNSET,
+    reason: str | object | None = _UNSET,
+    metrics: Mapping[str, Any] | None = None,
+    manifest: Mapping[str, Any] | None = None,
+    artifact_uri: str | None = None,
+    threshold: float | None = None,
+    fold_thresholds: Sequence[float] | None = None,
+) -> ModelVersion:
+    """Change fields of a model version (build progress, held-back reason, metrics, artifact).
+
+    Use :func:`set_active_model_version` to activate; this refuses ``status="active"`` so the
+    one-active rule has a single way in. ``stage``/``reason`` may be set to None explicitly.
+    """
+    if status == "active":
+        raise ValueError("activate a model version with set_active_model_version()")
+    if status is not None and status not in MODEL_STATUSES:
+        raise ValueError(f"status must be one of {MODEL_STATUSES}, got {status!r}")
+    row = session.get(ModelVersion, version, populate_existing=True)
+    if row is None:
+        raise UnknownModelVersionError(f"model version {version!r} does not exist")
+    if status is not None:
+        row.status = status
+    if stage is not _UNSET:
+        row.stage = stage  # type: ignore[assignment]
+    if reason is not _UNSET:
+        row.reason = reason  # type: ignore[assignment]
+    if metrics is not None:
+        row.metrics = dict(metrics)
+    if manifest is not None:
+        row.manifest = dict(manifest)
+    if artifact_uri is not None:
+        row.artifact_uri = artifact_uri
+    if threshold is not None:
+        row.threshold = float(threshold)
+    if fold_thresholds is not None:
+        row.fold_thresholds = [float(value) for value in fold_thresholds]
+    session.flush()
+    return row
+
+
+def get_active_model_version(session: Session) -> ModelVersion | None:
+    """The model version workers should score with, or None before the first activation."""
+    return session.scalars(select(ModelVersion).where(ModelVersion.status == "active")).first()
+
+
+def set_active_model_version(session: Session, version: str) -> ModelVersion:
+    """Make ``version`` the only active model version, retiring the previous one in the same transaction.
+
+    The retire runs before the activate, so the partial unique index (one ``active`` row) holds after
+    each statement. If two transactions activate concurrently, one commits and the other fails on
+    that index (an ``IntegrityError``, safe to retry). Activating the active version is a no-op.
+
+    Raises:
+        UnknownModelVersionError: no such version.
+    """
+    row = session.get(ModelVersion, version, populate_existing=True)
+    if row is None:
+        raise UnknownModelVersionError(f"model version {version!r} does not exist")
+    if row.status == "active":
+        return row
+    now = utcnow()
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.status == "active", ModelVersion.id != version)
+        .values(status="retired")
+        .execution_options(synchronize_session="fetch")
+    )
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.id == version)
+        .values(status="active", activated_at=now, reason=None)
+        .execution_options(synchronize_session="fetch")
+    )
+    session.refresh(row)
+    return row
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSummary:
+    """One image in a summary: where it is and how long its scoring took."""
+
+    image_id: int
+    key: str
+    score: float
+    is_anomalous: bool
+    total_ms: float
+    download_ms: float | None
+    decode_ms: float | None
+    model_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Counts for a report (the demo's SQL summary): images by status, inferences, anomalies, failures."""
+
+    images_by_status: dict[str, int] = field(default_factory=dict)
+    inferences: int = 0
+    anomalies: int = 0
+    failures: int = 0
+    failed_attempts: int = 0
+    anomalies_by_lot: dict[str, int] = field(default_factory=dict)
+    slowest: list[ImageSummary] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        """All registered images."""
+        return sum(self.images_by_status.values())
+
+
+def _timing_total() -> Any:
+    return (
+        func.coalesce(Inference.download_ms, 0.0)
+        + func.coalesce(Inference.decode_ms, 0.0)
+        + func.coalesce(Inference.model_ms, 0.0)
+    )
+
+
+def summary(session: Session, *, model_version: str | None = None, slowest: int = 5) -> Summary:
+    """Counts by image status, inferences and anomalies (optionally for one model version), the
+    number of dead-lettered images, anomalies per lot and the ``slowest`` images by total time.
+    """
+    by_status = dict(session.execute(select(Image.status, func.count()).group_by(Image.status)).all())
+
+    def _scoped(query: Select[Any]) -> Select[Any]:
+        return query if model_version is None else query.where(Inference.model_version == model_version)
+
+    inferences = session.scalar(_scoped(select(func.count()).select_from(Inference))) or 0
+    anomalies = session.scalar(_scoped(select(func.count()).select_from(Inference).where(Inference.is_anomalous))) or 0
+    failures, failed_attempts = session.execute(
+        select(func.count(), func.coalesce(func.sum(Failure.attempts), 0)).select_from(Failure)
+    ).one()
+    lot = func.coalesce(Image.lot, "")
+    by_lot_rows = session.execute(
+        _scoped(
+            select(lot, func.count())
+            .select_from(Inference)
+            .join(Image, Image.id == Inference.image_id)
+            .where(Inference.is_anomalous)
+            .group_by(lot)
+        )
+    ).all()
+    total = _timing_total().label("total_ms")
+    slow_rows = session.execute(
+        _scoped(
+            select(
+                Image.id,
+                Image.key,
+                Inference.score,
+                Inference.is_anomalous,
+                total,
+                Inference.download_ms,
+                Inference.decode_ms,
+                Inference.model_ms,
+            )
+            .join(Image, Image.id == Inference.image_id)
+            .order_by(total.desc(), Inference.id)
+            .limit(max(slowest, 0))
+        )
+    ).all()
+    return Summary(
+        images_by_status={status: int(count) for status, count in by_status.items()},
+        inferences=int(inferences),
+        anomalies=int(anomalies),
+        failures=int(failures),
+        failed_attempts=int(failed_attempts),
+        anomalies_by_lot={name: int(count) for name, count in by_lot_rows},
+        slowest=[
+            ImageSummary(
+                image_id=row[0],
+                key=row[1],
+                score=float(row[2]),
+                is_anomalous=bool(row[3]),
+                total_ms=float(row[4]),
+                download_ms=row[5],
+                decode_ms=row[6],
+                model_ms=row[7],
+            )
+            for row in slow_rows
+        ],
+    )

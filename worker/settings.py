@@ -1,0 +1,334 @@
+"""The one configuration object of waferwatch, read from ``WAFERWATCH_*`` variables and ``.env``.
+
+Every field has a default, and the defaults describe the *embedded* mode: SQLite, a local folder as
+object storage and kombu's filesystem broker, all under ``var/`` in the current directory, so one
+machine runs the whole pipeline with no external service. Deployments override the URLs.
+
+Settings are read once, through :func:`get_settings`, at entry points only (the CLI, the Celery app,
+Alembic's ``env.py``) and then passed down as arguments: nothing reads the environment at import time,
+and importing this module has no side effects (directories are created when they are used).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "DEFAULT_KEY_METADATA_REGEX",
+    "MASK",
+    "Settings",
+    "compile_key_metadata_regex",
+    "get_settings",
+    "mask_url",
+    "normalize_database_url",
+    "parse_key_metadata",
+]
+
+MASK = "***"
+
+# Keys look like ``<tool>/<lot>/<wafer>/<file>`` once the kind prefix (``incoming/``) is stripped.
+# Every directory group is optional and greedy from the left, so shallower keys still match with the
+# deeper groups missing, and deeper keys keep the first three levels and the file name.
+DEFAULT_KEY_METADATA_REGEX = (
+    r"^(?:(?P<tool>[^/]+)/)?(?:(?P<lot>[^/]+)/)?(?:(?P<wafer>[^/]+)/)?(?:.*/)?(?P<filename>[^/]+)$"
+)
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "secret", "token", "access_key", "secret_key"})
+_REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
+
+
+def normalize_database_url(url: str) -> str:
+    """Return ``url`` with an explicit psycopg 3 driver for PostgreSQL.
+
+    SQLAlchemy maps a bare ``postgresql://`` to psycopg2, which waferwatch does not install, and
+    Heroku-style ``postgres://`` is not recognised at all; both are rewritten to ``postgresql+psycopg``.
+    """
+    url = url.strip()
+    for bare in ("postgres://", "postgresql://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg://" + url[len(bare) :]
+    return url
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its password (user-info or a secret-looking query parameter) replaced by ``***``.
+
+    Strings that are not URLs are returned unchanged, so this is safe to apply to any setting.
+    """
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        if ":" in userinfo:
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:{MASK}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(key.lower() in _SECRET_QUERY_KEYS for key, _ in pairs):
+            masked = [(key, MASK if key.lower() in _SECRET_QUERY_KEYS else value) for key, value in pairs]
+            query = urlencode(masked, safe="*")
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def compile_key_metadata_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a key-metadata regex, refusing one that cannot extract anything.
+
+    Raises:
+        ValueError: the syntax is invalid or the regex has no named group.
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"key_metadata_regex {pattern!r} is not a valid regex: {exc}") from exc
+    if not compiled.groupindex:
+        raise ValueError(
+            f"key_metadata_regex {pattern!r} has no named groups; use (?P<lot>...) style groups "
+            "so metadata such as tool, lot and wafer can be extracted from object keys"
+        )
+    return compiled
+
+
+def parse_key_metadata(
+    key: str, pattern: re.Pattern[str] | str, *, strip_prefixes: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """Extract metadata from an object key with the named groups of ``pattern``.
+
+    The first of ``strip_prefixes`` that the key starts with is removed before matching, so one regex
+    serves ``incoming/`` and ``nominal/`` keys. Only groups that matched a non-empty string are
+    returned; a key the regex does not match yields ``{}`` rather than an error, because an oddly
+    named object should still be scored.
+    """
+    compiled = compile_key_metadata_regex(pattern) if isinstance(pattern, str) else pattern
+    relative = key
+    for prefix in strip_prefixes:
+        if prefix and key.startswith(prefix):
+            relative = key[len(prefix) :]
+            break
+    match = compiled.search(relative)
+    if match is None:
+        return {}
+    return {name: value for name, value in match.groupdict().items() if value}
+
+
+def _check_prefix(name: str, value: str) -> str:
+    if not value.endswith("/"):
+        raise ValueError(f"{name} must end with '/', got {value!r}")
+    if value.startswith("/"):
+        raise ValueError(f"{name} must not start with '/' (object keys are relative), got {value!r}")
+    if value == "/":
+        raise ValueError(f"{name} must not be just '/'")
+    return value
+
+
+class Settings(BaseSettings):
+    """Effective configuration; see the module docstring for the embedded defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WAFERWATCH_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- results database and broker -------------------------------------------------------------
+    database_url: str = "sqlite:///var/waferwatch.db"
+    broker_url: str = "filesystem://"
+    broker_dir: Path = Path("var/broker")
+    redis_visibility_timeout_s: int = Field(7200, ge=60)
+
+    # --- object storage --------------------------------------------------------------------------
+    storage: Literal["folder", "s3"] = "folder"
+    storage_root: Path = Path("var/storage")
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = Field("waferwatch", min_length=3, max_length=63)
+    s3_region: str = "us-east-1"
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    incoming_prefix: str = "incoming/"
+    nominal_prefix: str = "nominal/"
+    heatmap_prefix: str = "heatmaps/"
+    model_prefix: str = "models/"
+    key_metadata_regex: str = DEFAULT_KEY_METADATA_REGEX
+
+    # --- model and scoring -----------------------------------------------------------------------
+    model_dir: Path | None = None
+    model_version: str | None = None
+    device: str = "auto"
+    batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_ms: int = Field(500, ge=0, le=60_000)
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    max_object_bytes: int = Field(200 * 1024 * 1024, ge=1)
+
+    # --- task behaviour --------------------------------------------------------------------------
+    task_max_attempts: int = Field(5, ge=1, le=100)
+    retry_backoff_s: float = Field(2.0, gt=0)
+    retry_backoff_max_s: float = Field(300.0, gt=0)
+    task_time_limit_s: int = Field(1800, ge=1)
+
+    # --- event sources ---------------------------------------------------------------------------
+    sqs_queue_url: str | None = None
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = Field(8088, ge=1, le=65535)
+    webhook_token: SecretStr | None = None
+    redis_events_url: str | None = None
+    redis_events_key: str = Field("waferwatch:events", min_length=1)
+    watch_dir: Path | None = None  # None: <storage_root>/<incoming_prefix>, the folder storage's inbox
+    watch_poll_s: float = Field(1.0, gt=0)
+
+    # --- validators ------------------------------------------------------------------------------
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        value = normalize_database_url(value)
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"database_url {mask_url(value)!r} is not a SQLAlchemy URL: {exc}") from exc
+        backend = url.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"database_url must be SQLite or PostgreSQL, got backend {backend!r}")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"broker_url must look like 'scheme://...', got {mask_url(value)!r}")
+        return value
+
+    @field_validator("incoming_prefix", "nominal_prefix", "heatmap_prefix", "model_prefix")
+    @classmethod
+    def _check_prefixes(cls, value: str, info: Any) -> str:
+        return _check_prefix(info.field_name, value)
+
+    @field_validator("key_metadata_regex")
+    @classmethod
+    def _check_key_regex(cls, value: str) -> str:
+        compile_key_metadata_regex(value)
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+    @field_validator("model_version")
+    @classmethod
+    def _check_model_version(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}", value):
+            raise ValueError(
+                f"model_version must be 1-128 characters of letters, digits, '.', '_' or '-', got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.retry_backoff_max_s < self.retry_backoff_s:
+            raise ValueError(
+                f"retry_backoff_max_s ({self.retry_backoff_max_s}) must be >= retry_backoff_s ({self.retry_backoff_s})"
+            )
+        prefixes = {
+            "incoming_prefix": self.incoming_prefix,
+            "nominal_prefix": self.nominal_prefix,
+            "heatmap_prefix": self.heatmap_prefix,
+            "model_prefix": self.model_prefix,
+        }
+        names = list(prefixes)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                a, b = prefixes[first], prefixes[second]
+                if a.startswith(b) or b.startswith(a):
+                    raise ValueError(f"{first} ({a!r}) and {second} ({b!r}) overlap; keys would be ambiguous")
+        if (self.s3_access_key is None) != (self.s3_secret_key is None):
+            raise ValueError("set both s3_access_key and s3_secret_key, or neither (boto3's credential chain)")
+        if self.watch_dir is None:
+            self.watch_dir = self.storage_root / self.incoming_prefix.rstrip("/")
+        return self
+
+    # --- derived values --------------------------------------------------------------------------
+    @property
+    def key_metadata_pattern(self) -> re.Pattern[str]:
+        """The compiled :attr:`key_metadata_regex` (``re`` caches compilation)."""
+        return compile_key_metadata_regex(self.key_metadata_regex)
+
+    def key_metadata(self, key: str) -> dict[str, str]:
+        """Metadata of ``key``, with the incoming or nominal prefix stripped before matching."""
+        return parse_key_metadata(
+            key, self.key_metadata_pattern, strip_prefixes=(self.incoming_prefix, self.nominal_prefix)
+        )
+
+    @property
+    def broker_is_filesystem(self) -> bool:
+        """True for kombu's filesystem transport (the embedded broker)."""
+        return self.broker_url.startswith("filesystem://")
+
+    def broker_transport_options(self, *, create_dirs: bool = True) -> dict[str, Any]:
+        """Celery's ``broker_transport_options`` for :attr:`broker_url`.
+
+        The filesystem transport writes to ``data_folder_out`` and reads from ``data_folder_in``; both
+        point at the same folder so one configuration serves producers and workers. kombu does not
+        create these folders, so they are made here (at app construction, never at import) unless
+        ``create_dirs`` is false. Redis gets a visibility timeout longer than the longest task, so a
+        slow batch is not redelivered to a second worker while the first still runs it.
+        """
+        if self.broker_is_filesystem:
+            queue_dir = self.broker_dir / "queue"
+            processed_dir = self.broker_dir / "processed"
+            control_dir = self.broker_dir / "control"
+            if create_dirs:
+                for folder in (queue_dir, processed_dir, control_dir):
+                    folder.mkdir(parents=True, exist_ok=True)
+            return {
+                "data_folder_in": str(queue_dir),
+                "data_folder_out": str(queue_dir),
+                "processed_folder": str(processed_dir),
+                "store_processed": False,
+                "control_folder": str(control_dir),
+            }
+        if self.broker_url.startswith(_REDIS_SCHEMES):
+            return {"visibility_timeout": max(self.redis_visibility_timeout_s, self.task_time_limit_s + 60)}
+        return {}
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as JSON-ready values, with secrets and URL passwords shown as ``***``."""
+        result: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                result[name] = MASK
+            elif isinstance(value, Path):
+                result[name] = str(value)
+            elif isinstance(value, str):
+                result[name] = mask_url(value)
+            else:
+                result[name] = value
+        return result
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once; call only at entry points and pass values down.
+
+    Tests that change the environment call ``get_settings.cache_clear()``.
+    """
+    return Settings()
