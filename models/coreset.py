@@ -70,6 +70,7 @@ def greedy_kcenter(points: torch.Tensor, n_select: int, *, start: int = 0) -> to
     n_points, dim = points.shape
     fine = _principal_projection(points, min(_FINE_AXES, dim))
     coarse = fine[:, : min(_COARSE_AXES, fine.shape[1])].contiguous()
+    first_axis = fine[:, 0].contiguous()
     selected = torch.empty(n_select, dtype=torch.int64)
     selected[0] = start
     centres = torch.empty(n_select, dim, dtype=points.dtype)
@@ -82,14 +83,19 @@ def greedy_kcenter(points: torch.Tensor, n_select: int, *, start: int = 0) -> to
         centre = points[new]
         centres[step] = centre
         centre_d2 = _squared_distances(centres[:step], centre)
-        candidates = torch.nonzero(centre_d2[owner] < (4.0 * _SLACK) * min_d2, as_tuple=True)[0]
-        bound = min_d2[candidates] * _SLACK
-        keep = _squared_distances(coarse[candidates], coarse[new]) < bound
+        limit = min_d2 * _SLACK
+        # Cheap tests over every point: the triangle inequality through the owner, and the first axis.
+        mask = centre_d2.index_select(0, owner) < 4.0 * limit
+        offset = first_axis - first_axis[new]
+        mask &= offset * offset < limit
+        candidates = torch.nonzero(mask, as_tuple=True)[0]
+        bound = limit.index_select(0, candidates)
+        keep = _squared_distances(coarse.index_select(0, candidates), coarse[new]) < bound
         candidates, bound = candidates[keep], bound[keep]
-        keep = _squared_distances(fine[candidates], fine[new]) < bound
+        keep = _squared_distances(fine.index_select(0, candidates), fine[new]) < bound
         candidates = candidates[keep]
-        d2 = _squared_distances(points[candidates], centre)
-        moved = d2 < min_d2[candidates]
+        d2 = _squared_distances(points.index_select(0, candidates), centre)
+        moved = d2 < min_d2.index_select(0, candidates)
         movers = candidates[moved]
         min_d2[movers] = d2[moved]
         owner[movers] = step

@@ -172,15 +172,23 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(500, ge=0, le=60_000)
     max_image_pixels: int = Field(64_000_000, ge=1)
     max_object_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    model_cache_dir: Path = Path("var/model-cache")  # bucket artifacts (models/<version>/) are downloaded here
+    model_check_interval_s: float = Field(0.0, ge=0)  # 0: look up the active version at every batch
+    fetch_threads: int = Field(8, ge=1, le=128)  # parallel downloads and heatmap uploads within one batch
 
     # --- task behaviour --------------------------------------------------------------------------
     task_max_attempts: int = Field(5, ge=1, le=100)
     retry_backoff_s: float = Field(2.0, gt=0)
     retry_backoff_max_s: float = Field(300.0, gt=0)
     task_time_limit_s: int = Field(1800, ge=1)
+    reconcile_stale_after_s: int = Field(900, ge=1)  # re-enqueue images still 'queued' after this long
+
+    # --- observability ---------------------------------------------------------------------------
+    metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus /metrics of worker and ingest; 0: off
 
     # --- event sources ---------------------------------------------------------------------------
     sqs_queue_url: str | None = None
+    sqs_endpoint_url: str | None = None  # None: the S3 endpoint (MinIO, moto and LocalStack serve both)
     webhook_host: str = "127.0.0.1"
     webhook_port: int = Field(8088, ge=1, le=65535)
     webhook_token: SecretStr | None = None

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from models.coreset import (
-    covering_radius,
     coreset_size,
+    covering_radius,
     exhaustive_greedy_kcenter,
     greedy_coreset,
     greedy_kcenter,

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from models.backbones import build_backbone
+from models.embedding import embed_patches
+from models.errors import BackboneWeightsMissingError, ConfigError
+
+
+def test_lite0_taps_and_stops_after_the_deepest_layer():
+    backbone = build_backbone("efficientnet_lite0", ("blocks.4", "blocks.10"), device="cpu")
+    assert len(backbone.extractor._blocks) == 11  # blocks 11..15 are never built
+    features = backbone(torch.zeros(2, 3, 224, 224))
+    assert [tuple(f.shape) for f in features] == [(2, 40, 28, 28), (2, 112, 14, 14)]
+
+
+def test_lite0_pretrained_weights_are_loaded():
+    pretrained = build_backbone("efficientnet_lite0", ("blocks.2",), device="cpu")
+    random = build_backbone("efficientnet_lite0", ("blocks.2",), weights_path="random", device="cpu")
+    assert not torch.equal(pretrained.extractor._conv_stem.weight, random.extractor._conv_stem.weight)
+    # Trained BatchNorm statistics are not the initial ones.
+    assert not torch.allclose(pretrained.extractor._bn0.running_var, torch.ones(32))
+
+
+def test_torchvision_backbone_without_weights_names_the_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(BackboneWeightsMissingError) as info:
+        build_backbone("wide_resnet101_2", ("layer2", "layer3"), device="cpu")
+    message = str(info.value)
+    assert str(tmp_path / "checkpoints") in message and "wide_resnet101_2-" in message and ".pth" in message
+
+
+def test_explicit_missing_weights_file(tmp_path):
+    with pytest.raises(BackboneWeightsMissingError, match="does not exist"):
+        build_backbone("resnet50", ("layer2",), weights_path=str(tmp_path / "r50.pth"), device="cpu")
+
+
+def test_torchvision_backbone_with_a_weights_file(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    backbone = build_backbone("resnet50", ("layer2", "layer3"), weights_path=str(path), device="cpu")
+    features = backbone(torch.zeros(1, 3, 224, 224))
+    assert [tuple(f.shape) for f in features] == [(1, 512, 28, 28), (1, 1024, 14, 14)]
+
+
+def test_unknown_backbone_and_layer():
+    with pytest.raises(ConfigError, match="unknown"):
+        build_backbone("vgg16", ("features",), device="cpu")
+    with pytest.raises(ValueError, match=r"blocks\.0"):
+        build_backbone("efficientnet_lite0", ("blocks.99",), device="cpu")
+
+
+def test_embedding_aligns_layers_to_the_finest_grid_and_projects():
+    fine, coarse = torch.randn(2, 8, 16, 16), torch.randn(2, 24, 8, 8)
+    embedded = embed_patches([fine, coarse], patch_size=3)
+    assert embedded.shape == (2, 16, 16, 32)
+    projected = embed_patches([fine, coarse], patch_size=3, target_dim=10)
+    assert projected.shape == (2, 16, 16, 10)
+
+
+def test_neighbourhood_averaging_is_local():
+    features = torch.zeros(1, 1, 9, 9)
+    features[0, 0, 4, 4] = 9.0
+    embedded = embed_patches([features], patch_size=3)[0, :, :, 0]
+    assert embedded[4, 4] == pytest.approx(1.0)
+    assert embedded[3, 3] == pytest.approx(1.0)
+    assert embedded[2, 2] == 0.0

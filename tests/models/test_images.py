@@ -1,0 +1,101 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import BadImageError, decode_image, load_image_file
+from models.images import to_tensor
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A syntactically valid PNG that claims width×height pixels but carries almost no data."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def test_rgb_png_round_trips():
+    image = Image.new("RGB", (40, 30), (10, 200, 30))
+    decoded = decode_image(png_bytes(image), name="ok.png")
+    assert decoded.mode == "RGB" and decoded.size == (40, 30)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "1"])
+def test_other_modes_become_rgb(mode):
+    image = Image.new(mode, (16, 12))
+    decoded = decode_image(png_bytes(image), name=f"{mode}.png")
+    assert decoded.mode == "RGB" and decoded.size == (16, 12)
+
+
+def test_sixteen_bit_grayscale_keeps_its_contrast():
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    image = Image.fromarray(ramp)
+    assert image.mode.startswith("I;16")
+    decoded = np.asarray(decode_image(png_bytes(image), name="16bit.png"))
+    assert decoded[..., 0].min() == 0 and decoded[..., 0].max() == 255
+
+
+def test_zero_bytes_is_a_bad_image():
+    with pytest.raises(BadImageError, match="empty"):
+        decode_image(b"", name="empty.png")
+
+
+def test_not_an_image():
+    with pytest.raises(BadImageError, match="not a recognised image format") as info:
+        decode_image(b"%PDF-1.4 this is not an image", name="doc.pdf")
+    assert info.value.name == "doc.pdf"
+
+
+def test_truncated_png_is_reported_not_half_decoded():
+    data = png_bytes(Image.effect_noise((256, 256), 60).convert("RGB"))
+    with pytest.raises(BadImageError, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2], name="cut.png")
+
+
+def test_truncated_jpeg(tmp_path):
+    buffer = io.BytesIO()
+    Image.effect_noise((256, 256), 60).convert("RGB").save(buffer, format="JPEG")
+    with pytest.raises(BadImageError):
+        decode_image(buffer.getvalue()[:2000], name="cut.jpg")
+
+
+def test_huge_image_is_refused_before_decoding():
+    with pytest.raises(BadImageError, match="exceeds"):
+        decode_image(huge_png_header(100_000, 100_000), name="bomb.png", max_pixels=64_000_000)
+
+
+def test_moderately_huge_image_hits_our_own_limit():
+    with pytest.raises(BadImageError, match="exceeds the limit of 1000000"):
+        decode_image(huge_png_header(5_000, 5_000), name="big.png", max_pixels=1_000_000)
+
+
+def test_pixel_limit_is_configurable():
+    data = png_bytes(Image.new("RGB", (100, 100)))
+    with pytest.raises(BadImageError, match="10000 pixels exceeds the limit of 9999"):
+        decode_image(data, name="x.png", max_pixels=9_999)
+
+
+def test_missing_file_is_a_bad_image(tmp_path):
+    with pytest.raises(BadImageError, match="cannot be read"):
+        load_image_file(tmp_path / "nope.png")
+
+
+def test_to_tensor_shape_and_normalisation():
+    tensor = to_tensor(Image.new("RGB", (50, 70), (255, 0, 128)), image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    assert torch.allclose(tensor[0], torch.ones(32, 32)) and torch.allclose(tensor[1], -torch.ones(32, 32))

@@ -1,0 +1,194 @@
+"""Scoring, the model provider and the ingest batcher without Celery: real databases, real images, a real folder."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import FoldEnsemble, PatchCoreConfig
+from models.errors import ArtifactError
+from worker import repository
+from worker.db import session_scope
+from worker.errors import StorageUnavailableError
+from worker.events import ObjectEvent
+from worker.ingest import Ingestor, MicroBatcher
+from worker.model_provider import ModelProvider, ModelUnavailableError, publish_model
+from worker.schema import Failure, Image, Inference
+from worker.scoring import ScoringOptions, record_gave_up, score_batch
+from worker.storage import FolderStore, make_store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FolderStore:
+    folder = FolderStore(tmp_path / "bucket", bucket="fab")
+    folder.ensure_bucket()
+    return folder
+
+
+def _provider(session_factory: sessionmaker[Session], store: FolderStore, tmp_path: Path) -> ModelProvider:
+    return ModelProvider(session_factory=session_factory, store=store, cache_dir=tmp_path / "cache", device="cpu")
+
+
+def _register(session_factory: sessionmaker[Session], store: FolderStore, keys: list[str]) -> list[int]:
+    with session_scope(session_factory) as session:
+        return [
+            repository.register_image(session, bucket=store.bucket, key=key, etag=None, size=None)[0].id
+            for key in keys
+        ]
+
+
+def test_batch_scores_good_images_and_records_bad_ones_once(
+    session_factory: sessionmaker[Session],
+    store: FolderStore,
+    pipeline_model_dir: Path,
+    dacon_test_images: list[Path],
+    tmp_path: Path,
+) -> None:
+    publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
+    good = [f"incoming/tool/lot 1/{path.name}" for path in dacon_test_images[:3]]
+    for key, path in zip(good, dacon_test_images, strict=False):
+        store.put(key, path.read_bytes())
+    store.put("incoming/corrupt.png", b"\x89PNG\r\n\x1a\n not really")
+    (store._root / "incoming" / "empty.png").write_bytes(b"")  # a zero-byte drop (put refuses nothing)
+    keys = [*good, "incoming/corrupt.png", "incoming/empty.png", "incoming/deleted.png"]
+    ids = _register(session_factory, store, keys)
+    provider = _provider(session_factory, store, tmp_path)
+
+    result = score_batch(ids, session_factory=session_factory, store=store, model=provider.current, options=ScoringOptions())
+
+    assert sorted(result.scored) == ids[:3]
+    assert result.failed == ids[3:5]
+    assert result.skipped == [ids[5]]
+    with session_scope(session_factory) as session:
+        statuses = dict(session.execute(select(Image.id, Image.status)).all())
+        inferences = session.scalars(select(Inference).order_by(Inference.image_id)).all()
+        failures = {row.image_id: row for row in session.scalars(select(Failure))}
+        hashes = session.scalars(select(Image.sha256).where(Image.id.in_(ids[:3]))).all()
+    assert [statuses[i] for i in ids] == ["scored"] * 3 + ["failed"] * 2 + ["skipped"]
+    assert all(len(value or "") == 64 for value in hashes)
+    for row in inferences:
+        assert row.heatmap_key.startswith(f"heatmaps/{result.model_version}/tool/lot 1/")
+        assert store.head(row.heatmap_key).size > 0
+        assert row.download_ms is not None and row.decode_ms is not None and row.model_ms > 0
+        assert len(row.fold_scores) == 2
+    assert {failures[i].attempts for i in ids[3:5]} == {1}
+    assert failures[ids[3]].error_type == "bad_image"
+    assert failures[ids[4]].error_type == "BadObjectError"
+
+    again = score_batch(ids, session_factory=session_factory, store=store, model=provider.current, options=ScoringOptions())
+
+    assert again.scored == [] and sorted(again.already_done) == sorted(ids)
+    with session_scope(session_factory) as session:
+        assert session.scalar(select(Failure.attempts).where(Failure.image_id == ids[3])) == 1
+        assert len(session.scalars(select(Inference.id)).all()) == 3
+
+
+def test_unreachable_storage_raises_transient_and_gave_up_dead_letters(
+    session_factory: sessionmaker[Session], store: FolderStore, pipeline_model_dir: Path, closed_port_url: str
+) -> None:
+    publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
+    ensemble = FoldEnsemble.load(pipeline_model_dir, device="cpu")
+    from worker.model_provider import LoadedModel
+
+    model = LoadedModel(ensemble.version, ensemble, "pinned", time.time())
+    s3 = make_store("s3", endpoint_url=closed_port_url, bucket="fab", region="us-east-1", max_attempts=1)
+    ids = _register(session_factory, store, ["incoming/a.png", "incoming/b.png"])
+
+    with pytest.raises(StorageUnavailableError):
+        score_batch(ids, session_factory=session_factory, store=s3, model=model, options=ScoringOptions())
+
+    with session_scope(session_factory) as session:
+        assert set(session.scalars(select(Image.status))) == {"queued"}
+    assert record_gave_up(session_factory, ids, StorageUnavailableError("down")) == 2
+    with session_scope(session_factory) as session:
+        assert {(f.error_type, f.attempts) for f in session.scalars(select(Failure))} == {("StorageUnavailableError", 1)}
+
+
+def test_provider_downloads_verifies_and_follows_the_active_version(
+    session_factory: sessionmaker[Session],
+    store: FolderStore,
+    pipeline_model_dir: Path,
+    dacon_data: Path,
+    tmp_path: Path,
+) -> None:
+    provider = _provider(session_factory, store, tmp_path)
+    with pytest.raises(ModelUnavailableError):
+        provider.current()
+    first = publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
+    assert provider.current().version == first.version
+    assert (tmp_path / "cache" / first.version / "manifest.json").is_file()
+
+    # A new version activated elsewhere is picked up at the next batch (the hot-reload hook).
+    train = sorted((dacon_data / "train").glob("*.png"))[:6]
+    other = FoldEnsemble.fit([p.stem for p in train], train, PatchCoreConfig(coreset_ratio=0.02, folds=2), device="cpu")
+    other.save(tmp_path / "other")
+    second = publish_model(store, session_factory, tmp_path / "other", model_prefix="models/")
+    assert second.version != first.version
+    assert provider.current().version == second.version
+
+    # A tampered artifact is refused by the hash check, never scored with.
+    bank = next((store._root / "models" / first.version).glob("fold_0.*"))
+    bank.write_bytes(bank.read_bytes()[:-8] + b"tampered")
+    shutil.rmtree(tmp_path / "cache")
+    with session_scope(session_factory) as session:
+        repository.set_active_model_version(session, first.version)
+    with pytest.raises(ArtifactError):
+        _provider(session_factory, store, tmp_path).current()
+
+
+def _event(key: str, etag: str = "e1") -> ObjectEvent:
+    return ObjectEvent("fab", key, etag, None, 10, "ObjectCreated:Put", None)
+
+
+def test_ingestor_batches_by_count_and_age_and_routes_prefixes(session_factory: sessionmaker[Session]) -> None:
+    sent: list[list[int]] = []
+    done = threading.Event()
+
+    def enqueue(ids: list[int]) -> None:
+        sent.append(list(ids))
+        if sum(map(len, sent)) >= 7:
+            done.set()
+
+    ingestor = Ingestor(
+        session_factory=session_factory,
+        enqueue=enqueue,
+        bucket="fab",
+        key_metadata=lambda key: {"lot": key.split("/")[1]} if key.startswith("incoming/") else {},
+        batch_size=3,
+        batch_wait_ms=200,
+    )
+    try:
+        events = [_event(f"incoming/L{i % 2}/img{i}.png") for i in range(7)]
+        events += [_event("nominal/good.png"), _event("heatmaps/x.png"), _event("incoming/notes.txt")]
+        events.append(ObjectEvent("other-bucket", "incoming/x.png", "e", None, 1, "ObjectCreated:Put", None))
+        ingestor.submit(events)
+        assert [len(batch) for batch in sent] == [3, 3]  # full batches leave at once
+        assert done.wait(2.0)  # the seventh by age
+        assert [len(batch) for batch in sent] == [3, 3, 1]
+
+        # A repeated event for a still-queued image is sent again (the worker scores it once).
+        ingestor.submit([_event("incoming/L0/img0.png")])
+        ingestor.batcher.flush()
+        assert len(sent) == 4
+    finally:
+        ingestor.close()
+    with session_scope(session_factory) as session:
+        kinds = dict(session.execute(select(Image.key, Image.kind)).all())
+        lots = set(session.scalars(select(Image.lot)))
+    assert kinds.pop("nominal/good.png") == "nominal"
+    assert set(kinds.values()) == {"incoming"} and len(kinds) == 7
+    assert lots == {"L0", "L1", None}
+
+
+def test_batcher_close_sends_the_partial_batch() -> None:
+    sent: list[list[int]] = []
+    batcher = MicroBatcher(sent.append, batch_size=10, batch_wait_ms=60_000)
+    batcher.add([1, 2])
+    batcher.close()
+    assert sent == [[1, 2]]

@@ -1,0 +1,265 @@
+"""The Celery application: configuration, per-process resources and worker signals.
+
+:func:`create_app` builds an app from a :class:`~worker.settings.Settings` (the only place Celery reads
+settings). ``celery -A worker.app worker`` finds the app through this module's ``app`` attribute, which is
+created on first access (PEP 562), so importing the module has no side effects.
+
+Delivery semantics: tasks are acknowledged late (after they ran) and rejected back to the queue when the
+worker process dies, with a prefetch of one, so at most one batch per process is in flight and a crash
+redelivers it. That is safe because scoring is idempotent (unique inference per image and version). On
+Redis, unacknowledged messages come back after ``visibility_timeout``, set well above the task time limit
+so a slow batch is never handed to a second worker while the first still runs it.
+
+Per-process resources (:class:`WorkerContext`): the engine, the object store and the model provider are
+built lazily in the process that uses them and rebuilt after a fork, and ``worker_process_init`` disposes
+any engine inherited from the parent, so prefork children never share connections or a CUDA context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any, Final
+
+from celery import Celery, signals
+from kombu import Queue
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker import metrics
+from worker.db import dispose_engine_after_fork, make_engine, make_session_factory
+from worker.model_provider import ModelProvider
+from worker.scoring import ScoringOptions
+from worker.settings import Settings, get_settings
+from worker.storage import ObjectStore, make_store
+
+__all__ = [
+    "INGEST_QUEUE",
+    "QUEUES",
+    "RECONCILE",
+    "SCORE_BATCH",
+    "SCORE_QUEUE",
+    "TRAIN_QUEUE",
+    "WorkerContext",
+    "context_of",
+    "create_app",
+    "get_app",
+    "make_enqueue",
+    "make_store_from_settings",
+]
+
+logger = logging.getLogger(__name__)
+
+SCORE_BATCH: Final = "waferwatch.score_batch"
+RECONCILE: Final = "waferwatch.reconcile"
+SCORE_QUEUE: Final = "score"
+TRAIN_QUEUE: Final = "train"
+INGEST_QUEUE: Final = "ingest"
+QUEUES: Final = (SCORE_QUEUE, TRAIN_QUEUE, INGEST_QUEUE)
+
+
+def make_store_from_settings(settings: Settings) -> ObjectStore:
+    """The configured bucket (S3) or folder (the embedded default)."""
+    return make_store(
+        settings.storage,
+        root=settings.storage_root,
+        endpoint_url=settings.s3_endpoint_url,
+        bucket=settings.s3_bucket if settings.storage == "s3" else None,
+        region=settings.s3_region,
+        access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
+        secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
+    )
+
+
+class WorkerContext:
+    """Lazily built resources of one process: engine, sessions, store, model provider, scoring options."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def _check_pid(self) -> None:
+        """After a fork, forget everything built in the parent (it is rebuilt on first use here)."""
+        if self._pid != os.getpid():
+            self.after_fork()
+
+    def after_fork(self) -> None:
+        """Drop inherited resources: the engine's pooled connections are forgotten, not closed."""
+        with self._lock:
+            engine = self.__dict__.pop("engine", None)
+            if engine is not None:
+                dispose_engine_after_fork(engine)
+            for name in ("session_factory", "store", "provider"):
+                self.__dict__.pop(name, None)
+            self._pid = os.getpid()
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def session_factory(self) -> sessionmaker[Session]:
+        return make_session_factory(self.engine)
+
+    @cached_property
+    def store(self) -> ObjectStore:
+        return make_store_from_settings(self.settings)
+
+    @cached_property
+    def provider(self) -> ModelProvider:
+        return ModelProvider(
+            session_factory=self.session_factory,
+            store=self.store,
+            cache_dir=self.settings.model_cache_dir,
+            device=self.settings.device,
+            model_dir=self.settings.model_dir,
+            model_version=self.settings.model_version,
+            check_interval_s=self.settings.model_check_interval_s,
+        )
+
+    @property
+    def scoring_options(self) -> ScoringOptions:
+        return ScoringOptions(
+            incoming_prefix=self.settings.incoming_prefix,
+            heatmap_prefix=self.settings.heatmap_prefix,
+            max_object_bytes=self.settings.max_object_bytes,
+            max_image_pixels=self.settings.max_image_pixels,
+            fetch_threads=self.settings.fetch_threads,
+        )
+
+    def resources(self) -> WorkerContext:
+        """This context, after making sure it belongs to the calling process."""
+        self._check_pid()
+        return self
+
+
+def create_app(settings: Settings | None = None, *, set_as_current: bool = True) -> Celery:
+    """Build the Celery app for ``settings`` (default: :func:`get_settings`) and register the tasks."""
+    settings = settings or get_settings()
+    app = Celery("waferwatch", set_as_current=set_as_current)
+    transport_options = settings.broker_transport_options()
+    if settings.broker_is_filesystem:
+        transport_options.setdefault("polling_interval", 0.2)  # kombu polls the folder; default is 1 s
+    soft_limit = max(1, settings.task_time_limit_s - max(5, settings.task_time_limit_s // 20))
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue=SCORE_QUEUE,
+        task_create_missing_queues=False,
+        task_routes={
+            SCORE_BATCH: {"queue": SCORE_QUEUE},
+            RECONCILE: {"queue": INGEST_QUEUE},
+            "waferwatch.train.*": {"queue": TRAIN_QUEUE},
+        },
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=soft_limit,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    app.waferwatch_context = WorkerContext(settings)  # type: ignore[attr-defined]
+    from worker.tasks import register_tasks  # tasks import this module's names
+
+    register_tasks(app, settings)
+    _connect_signals()
+    return app
+
+
+def context_of(app: Celery) -> WorkerContext:
+    """The per-process resources of ``app`` (built by :func:`create_app`)."""
+    context: WorkerContext = app.waferwatch_context  # type: ignore[attr-defined]
+    return context.resources()
+
+
+def make_enqueue(app: Celery) -> Callable[[Sequence[int]], None]:
+    """A function that sends one ``score_batch`` task for a list of image ids (routed to ``score``)."""
+
+    def enqueue(image_ids: Sequence[int]) -> None:
+        if image_ids:
+            app.send_task(SCORE_BATCH, args=[list(image_ids)])
+            metrics.TASKS_ENQUEUED.inc()
+
+    return enqueue
+
+
+def queue_depth(app: Celery, queue: str = SCORE_QUEUE) -> int | None:
+    """Messages waiting in ``queue`` (not counting reserved ones), or None when the broker cannot tell."""
+    try:
+        with app.connection_for_write() as connection:
+            declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+    except Exception:  # the gauge is informational; a broker hiccup must not stop ingest
+        logger.debug("queue depth of %s unavailable", queue, exc_info=True)
+        return None
+    depth = int(declared.message_count)
+    metrics.QUEUE_DEPTH.labels(queue=queue).set(depth)
+    return depth
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+_signals_connected = False
+_app_lock = threading.Lock()
+_app: Celery | None = None
+
+
+def _current_context() -> WorkerContext | None:
+    from celery import current_app
+
+    return getattr(current_app, "waferwatch_context", None)
+
+
+def _on_worker_process_init(**_: Any) -> None:
+    """Prefork child: forget the parent's engine and store, and export this child's metrics."""
+    context = _current_context()
+    if context is None:
+        return
+    context.after_fork()
+    metrics.start_metrics_server(context.settings.metrics_port)
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Main worker process: with a solo or threads pool it is the scoring process, so it exports metrics."""
+    context = _current_context()
+    pool = str(getattr(sender, "pool_cls", "")).lower()
+    if context is not None and ("solo" in pool or "thread" in pool):
+        metrics.start_metrics_server(context.settings.metrics_port)
+
+
+def _connect_signals() -> None:
+    global _signals_connected
+    if _signals_connected:
+        return
+    signals.worker_process_init.connect(_on_worker_process_init, weak=False)
+    signals.worker_init.connect(_on_worker_init, weak=False)
+    _signals_connected = True
+
+
+def get_app() -> Celery:
+    """The process-wide app built from :func:`get_settings` (what ``celery -A worker.app`` loads)."""
+    global _app
+    with _app_lock:
+        if _app is None:
+            _app = create_app()
+        return _app
+
+
+def __getattr__(name: str) -> Any:
+    """``worker.app.app`` / ``worker.app.celery``: the app, built on first access."""
+    if name in ("app", "celery"):
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,269 @@
+"""Which model a worker process scores with, loaded once and kept.
+
+Resolution, in order:
+
+1. ``model_dir`` (a pinned local directory): loaded as is; its ``model_versions`` row is created as a
+   candidate if missing, because every inference row references its version.
+2. ``model_version`` (a pinned version id): that row's ``artifact_uri``.
+3. Otherwise the single ``active`` row of ``model_versions``.
+
+An ``artifact_uri`` is a local directory (``/abs/path`` or ``file:///abs/path``) or a key prefix in the
+configured bucket (``models/<version>/``, or ``s3://<bucket>/models/<version>/`` naming the same bucket).
+Bucket artifacts are downloaded into ``cache_dir/<version>`` (into a temporary folder first, renamed when
+complete) and every load verifies each file's sha256 against the manifest (``FoldEnsemble.load``).
+
+Hot reload hook: :meth:`ModelProvider.current` is called at the start of every batch. It costs one
+indexed SELECT (or nothing while ``check_interval_s`` has not elapsed) and returns the loaded model for the
+version that should be used now, loading a different one first if the active version changed. A batch
+keeps the :class:`LoadedModel` it started with, so it finishes with one version. Loading in the background
+(issue 4) replaces :meth:`ModelProvider._load_now` with a non-blocking swap; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import FoldEnsemble
+from models.artifacts import MANIFEST, read_manifest
+from worker import repository
+from worker.db import session_scope
+from worker.errors import TransientError
+from worker.schema import ModelVersion
+from worker.storage import ObjectStore
+
+__all__ = [
+    "LoadedModel",
+    "ModelProvider",
+    "ModelRef",
+    "ModelUnavailableError",
+    "publish_model",
+    "register_local_model",
+]
+
+logger = logging.getLogger(__name__)
+
+_ARTIFACT_MAX_BYTES = 8 * 1024**3  # a bank file of a huge model; only guards against runaway objects
+
+
+class ModelUnavailableError(TransientError):
+    """No model can be used yet (nothing active, artifact not uploaded): the batch is retried later."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """Where a model version lives: a local directory or a key prefix in the bucket."""
+
+    version: str
+    artifact_uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A model ready to score, with the version id written on every inference it produces."""
+
+    version: str
+    ensemble: FoldEnsemble
+    artifact_uri: str
+    loaded_at: float
+
+
+class ModelProvider:
+    """Per-process holder of the scoring model (see the module docstring for resolution and reload)."""
+
+    def __init__(
+        self,
+        *,
+        session_factory: sessionmaker[Session],
+        store: ObjectStore,
+        cache_dir: Path,
+        device: str = "auto",
+        model_dir: Path | None = None,
+        model_version: str | None = None,
+        check_interval_s: float = 0.0,
+    ) -> None:
+        self._session_factory = session_factory
+        self._store = store
+        self._cache_dir = Path(cache_dir)
+        self._device = device
+        self._model_dir = Path(model_dir) if model_dir is not None else None
+        self._model_version = model_version
+        self._check_interval_s = check_interval_s
+        self._lock = threading.Lock()
+        self._loaded: LoadedModel | None = None
+        self._checked_at = float("-inf")
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        """The model in memory, without any check (None before the first batch)."""
+        return self._loaded
+
+    def current(self) -> LoadedModel:
+        """The model to score the next batch with; loads it on first use or after the active version changed.
+
+        Raises:
+            ModelUnavailableError: nothing to load yet (transient: the task retries).
+            ArtifactError: the artifact is corrupt (a hash mismatch); not retried blindly.
+        """
+        with self._lock:
+            now = time.monotonic()
+            if self._loaded is not None and now - self._checked_at < self._check_interval_s:
+                return self._loaded
+            wanted = self.resolve()
+            self._checked_at = now
+            if self._loaded is None or self._loaded.version != wanted.version:
+                previous = self._loaded.version if self._loaded else None
+                self._loaded = self._load_now(wanted)
+                logger.info("model %s loaded (was %s) from %s", wanted.version, previous, wanted.artifact_uri)
+            return self._loaded
+
+    def resolve(self) -> ModelRef:
+        """The version that should be used now (a cheap DB read; never loads anything)."""
+        if self._model_dir is not None:
+            if self._loaded is not None:
+                return ModelRef(self._loaded.version, self._loaded.artifact_uri)
+            return register_local_model(self._session_factory, self._model_dir)
+        with session_scope(self._session_factory) as session:
+            if self._model_version is not None:
+                row = session.get(ModelVersion, self._model_version)
+                if row is None:
+                    raise ModelUnavailableError(
+                        f"model_version {self._model_version!r} has no model_versions row; register it first"
+                    )
+            else:
+                row = repository.get_active_model_version(session)
+                if row is None:
+                    raise ModelUnavailableError(
+                        "no active model version yet; train and activate one (waferwatch demo does both)"
+                    )
+            if not row.artifact_uri:
+                raise ModelUnavailableError(f"model version {row.id!r} has no artifact_uri")
+            return ModelRef(row.id, row.artifact_uri)
+
+    def _load_now(self, ref: ModelRef) -> LoadedModel:
+        directory = self._local_directory(ref)
+        ensemble = FoldEnsemble.load(directory, device=self._device)
+        if ensemble.version != ref.version:
+            raise ModelUnavailableError(
+                f"artifact {ref.artifact_uri} holds model {ensemble.version}, not {ref.version}; fix the registry"
+            )
+        return LoadedModel(ref.version, ensemble, ref.artifact_uri, time.time())
+
+    def _local_directory(self, ref: ModelRef) -> Path:
+        """The artifact as a local directory, downloading a bucket artifact into the cache once."""
+        local = _local_path(ref.artifact_uri)
+        if local is not None:
+            if not (local / MANIFEST).is_file():
+                raise ModelUnavailableError(f"model directory {local} has no {MANIFEST}")
+            return local
+        prefix = _bucket_prefix(ref.artifact_uri, self._store.bucket)
+        target = self._cache_dir / ref.version
+        if (target / MANIFEST).is_file():
+            return target
+        return _download(self._store, prefix, target)
+
+
+def _local_path(uri: str) -> Path | None:
+    if uri.startswith("file://"):
+        return Path(unquote(urlsplit(uri).path))
+    if uri.startswith("/"):
+        return Path(uri)
+    return None
+
+
+def _bucket_prefix(uri: str, bucket: str) -> str:
+    if uri.startswith("s3://"):
+        parts = urlsplit(uri)
+        if parts.netloc != bucket:
+            raise ModelUnavailableError(f"artifact {uri} is in bucket {parts.netloc!r}, this worker reads {bucket!r}")
+        uri = parts.path.lstrip("/")
+    return uri if uri.endswith("/") else uri + "/"
+
+
+def _download(store: ObjectStore, prefix: str, target: Path) -> Path:
+    """Copy every object under ``prefix`` into ``target`` (atomically: a temp folder renamed at the end)."""
+    objects = list(store.list(prefix))
+    if not any(info.key == prefix + MANIFEST for info in objects):
+        raise ModelUnavailableError(f"no {MANIFEST} under {store.bucket}/{prefix}; the artifact is not uploaded")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        for info in objects:
+            name = info.key[len(prefix) :]
+            if "/" in name or not name:
+                continue  # a model directory is flat
+            stored = store.get(info.key, max_bytes=_ARTIFACT_MAX_BYTES)
+            (staging / name).write_bytes(stored.data)
+        read_manifest(staging)
+        if target.exists():  # another process finished first; its copy is as good as ours
+            shutil.rmtree(staging, ignore_errors=True)
+            return target
+        staging.replace(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def register_local_model(
+    session_factory: sessionmaker[Session], directory: Path, *, activate: bool = False
+) -> ModelRef:
+    """Make sure ``directory``'s model has a ``model_versions`` row (artifact_uri = its absolute path)."""
+    manifest = read_manifest(directory)
+    uri = str(Path(directory).resolve())
+    with session_scope(session_factory) as session:
+        repository.ensure_model_version(
+            session,
+            version=manifest["version"],
+            manifest=manifest,
+            artifact_uri=uri,
+            threshold=manifest["threshold"],
+            fold_thresholds=manifest["fold_thresholds"],
+        )
+        if activate:
+            repository.set_active_model_version(session, manifest["version"])
+    return ModelRef(manifest["version"], uri)
+
+
+def publish_model(
+    store: ObjectStore,
+    session_factory: sessionmaker[Session],
+    directory: Path,
+    *,
+    model_prefix: str,
+    activate: bool = True,
+) -> ModelRef:
+    """Upload a model directory to ``<model_prefix><version>/``, register it, and optionally activate it.
+
+    The manifest is uploaded last, so a reader never sees a manifest naming files not yet there.
+    """
+    manifest = read_manifest(directory)
+    version = manifest["version"]
+    prefix = f"{model_prefix}{version}/"
+    files = sorted(path for path in Path(directory).iterdir() if path.is_file() and path.name != MANIFEST)
+    for path in [*files, Path(directory) / MANIFEST]:
+        if path.name.startswith("."):
+            continue
+        store.put(prefix + path.name, path.read_bytes())
+    with session_scope(session_factory) as session:
+        row, _ = repository.ensure_model_version(
+            session,
+            version=version,
+            manifest=manifest,
+            artifact_uri=prefix,
+            threshold=manifest["threshold"],
+            fold_thresholds=manifest["fold_thresholds"],
+        )
+        if row.artifact_uri != prefix:
+            raise ValueError(f"model {version} is already registered at {row.artifact_uri}, not {prefix}")
+        if activate:
+            repository.set_active_model_version(session, version)
+    return ModelRef(version, prefix)
