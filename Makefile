@@ -7,7 +7,7 @@ STAMP := $(VENV)/.waferwatch-installed
 DATA ?= ../shared/datasets/dacon-semiconductor
 RUN_DIR ?= runs/demo
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean services browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) lint
+# The tests need PostgreSQL and Redis on 127.0.0.1 (started here if down) and Chromium for the HTML report.
+services:
+	@pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium could not be installed: the HTML report screenshot test will be skipped"
+
+test: $(STAMP) lint services browser
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.01,0.1,0.25")
     parser.add_argument("--sizes", default="224,320")
     parser.add_argument("--layers", default="blocks.4+blocks.10", help="';'-separated '+'-joined tap lists")
+    parser.add_argument("--target-dims", default="0", help="comma-separated target_dim values (0 = native)")
+    parser.add_argument("--aligns", default="finest", help="comma-separated: finest,coarsest")
     parser.add_argument("--quick", action="store_true", help="subsample the test set (smoke run)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -46,9 +48,13 @@ def main() -> None:
         [tuple(x.split("+")) for x in args.layers.split(";")],
         [int(s) for s in args.sizes.split(",")],
         [float(r) for r in args.ratios.split(",")],
+        args.aligns.split(","),
+        [int(d) for d in args.target_dims.split(",")],
     )
-    for layers, size, ratio in combos:
-        config = PatchCoreConfig(layers=layers, image_size=size, coreset_ratio=ratio)
+    for layers, size, ratio, align, target_dim in combos:
+        config = PatchCoreConfig(
+            layers=layers, image_size=size, coreset_ratio=ratio, align=align, target_dim=target_dim
+        )
         started = time.perf_counter()
         ensemble = FoldEnsemble.fit([r.id for r in split.train], [r.path for r in split.train], config)
         train_s = time.perf_counter() - started

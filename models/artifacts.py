@@ -27,7 +27,7 @@ from models.errors import ArtifactError, ConfigError
 from models.memory_bank import MemoryBank
 
 if TYPE_CHECKING:
-    from models.ensemble import FoldEnsemble
+    from models.ensemble import Fold, FoldEnsemble
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -98,6 +98,35 @@ def save_ensemble(ensemble: FoldEnsemble, directory: Path) -> Path:
     }
     _write_json_atomic(directory / MANIFEST, manifest)
     return directory
+
+
+def save_fold(fold: Fold, directory: Path) -> list[Path]:
+    """One fold on its own (``fold_<i>.safetensors`` + ``fold_<i>.json``), for rebuilds that build folds in
+    separate tasks; :func:`load_fold` reads it back with its hash checked."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bank_path = directory / f"fold_{fold.index}.safetensors"
+    save_file({"bank": np.ascontiguousarray(fold.bank.vectors, dtype=np.float32)}, str(bank_path))
+    meta = {
+        "index": fold.index,
+        "threshold": fold.threshold,
+        "train_ids": list(fold.train_ids),
+        "validation_ids": list(fold.validation_ids),
+        "sha256": sha256_file(bank_path),
+    }
+    meta_path = directory / f"fold_{fold.index}.json"
+    _write_json_atomic(meta_path, meta)
+    return [bank_path, meta_path]
+
+
+def load_fold(directory: Path, index: int) -> Fold:
+    from models.ensemble import Fold
+
+    meta = json.loads((directory / f"fold_{index}.json").read_text(encoding="utf-8"))
+    bank_path = directory / f"fold_{index}.safetensors"
+    if sha256_file(bank_path) != meta["sha256"]:
+        raise ArtifactError(f"{bank_path} does not match the hash recorded in fold_{index}.json")
+    bank = MemoryBank(load_file(str(bank_path))["bank"])
+    return Fold(index, tuple(meta["train_ids"]), tuple(meta["validation_ids"]), float(meta["threshold"]), bank)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -25,6 +25,19 @@ DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "densenet121": ("features.denseblock2", "features.denseblock3"),
 }
 
+#: Channel count patch features are pooled to (PatchCore's target_embed_dimension); 0 keeps the concatenated
+#: channels. The ResNet family concatenates 1536 (resnet50: 512+1024) or more channels, which 1024 halves at
+#: no measurable loss in the paper; Lite0's blocks.4+blocks.10 give only 152 channels, kept as they are
+#: (see bench/bench_quality.py --target-dims for the measurement).
+DEFAULT_TARGET_DIM: dict[str, int] = {
+    "efficientnet_lite0": 0,
+    "wide_resnet101_2": 1024,
+    "wide_resnet50_2": 1024,
+    "resnet50": 1024,
+    "efficientnet_b1": 0,
+    "densenet121": 1024,
+}
+
 
 @dataclass(frozen=True)
 class PatchCoreConfig:
@@ -39,7 +52,8 @@ class PatchCoreConfig:
     weights_path: str | None = None  # torchvision backbones: explicit weights file
     image_size: int = 224
     patch_size: int = 3  # local neighbourhood averaged around each feature-map position
-    target_dim: int | None = None  # None → keep the concatenated channel count (no projection)
+    align: Literal["finest", "coarsest"] = "finest"  # grid the tapped layers are aligned to
+    target_dim: int | None = None  # None → DEFAULT_TARGET_DIM[backbone]; 0 → keep the concatenated channels
     coreset_ratio: float = 0.10
     coreset_projection_dim: int = 128
     k: int = 5
@@ -59,9 +73,12 @@ class PatchCoreConfig:
         if not self.layers:
             object.__setattr__(self, "layers", DEFAULT_LAYERS[self.backbone])
         object.__setattr__(self, "layers", tuple(self.layers))
+        if self.target_dim is None:
+            object.__setattr__(self, "target_dim", DEFAULT_TARGET_DIM[self.backbone])
         _check(self.image_size >= 32, f"image_size={self.image_size} must be at least 32")
         _check(self.patch_size >= 1 and self.patch_size % 2 == 1, f"patch_size={self.patch_size} must be odd")
-        _check(self.target_dim is None or self.target_dim >= 1, f"target_dim={self.target_dim} must be >= 1")
+        _check(self.align in ("finest", "coarsest"), f"align={self.align!r} must be 'finest' or 'coarsest'")
+        _check(self.target_dim >= 0, f"target_dim={self.target_dim} must be >= 0 (0 keeps every channel)")
         _check(0.0 < self.coreset_ratio <= 1.0, f"coreset_ratio={self.coreset_ratio} must be in (0, 1]")
         _check(self.coreset_projection_dim >= 1, "coreset_projection_dim must be >= 1")
         _check(self.k >= 1, f"k={self.k} must be >= 1")
@@ -96,6 +113,8 @@ class PatchCoreConfig:
         """A copy with some fields changed (re-validated)."""
         if "backbone" in changes and "layers" not in changes:
             changes["layers"] = ()
+        if "backbone" in changes and "target_dim" not in changes:
+            changes["target_dim"] = None
         return dataclasses.replace(self, **changes)
 
 

@@ -29,26 +29,38 @@ def embed_patches(
     *,
     patch_size: int = 3,
     target_dim: int | None = None,
+    align: str = "finest",
 ) -> torch.Tensor:
     """Combine tapped layers into one embedding per patch.
 
     Args:
         layer_features: feature maps ``(n_images, c_l, h_l, w_l)``; the first has the finest grid.
         patch_size: neighbourhood size of :func:`aggregate_neighbourhood`.
-        target_dim: channel count after adaptive average pooling; ``None`` keeps ``sum(c_l)``.
+        target_dim: channel count after adaptive average pooling; ``None`` or 0 keeps ``sum(c_l)``.
+        align: ``"finest"`` upsamples every map to the finest grid (PatchCore); ``"coarsest"`` pools every
+            map down to the coarsest grid — 4× fewer patches per stride halving, so k-NN search and banks
+            shrink by that factor squared.
 
     Returns:
-        ``(n_images, h, w, embed_dim)`` float32, ``h, w`` the finest grid.
+        ``(n_images, h, w, embed_dim)`` float32.
     """
-    height, width = layer_features[0].shape[-2:]
+    sizes = [tuple(f.shape[-2:]) for f in layer_features]
+    if align == "finest":
+        height, width = max(sizes)
+    elif align == "coarsest":
+        height, width = min(sizes)
+    else:
+        raise ValueError(f"align={align!r} must be 'finest' or 'coarsest'")
     aligned = []
     for features in layer_features:
         features = aggregate_neighbourhood(features, patch_size)
-        if features.shape[-2:] != (height, width):
+        if features.shape[-2] > height:
+            features = F.adaptive_avg_pool2d(features, (height, width))
+        elif features.shape[-2:] != (height, width):
             features = F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
         aligned.append(features)
     stacked = torch.cat(aligned, dim=1).permute(0, 2, 3, 1)  # (n, h, w, c)
-    if target_dim is not None and target_dim != stacked.shape[-1]:
+    if target_dim and target_dim != stacked.shape[-1]:
         n_images, h, w, channels = stacked.shape
         flat = stacked.reshape(-1, 1, channels)
         stacked = F.adaptive_avg_pool1d(flat, target_dim).reshape(n_images, h, w, target_dim)

@@ -9,9 +9,7 @@ image is anomalous iff its score is strictly greater than the threshold.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.model_selection import KFold
 
 from models.config import PatchCoreConfig
-from models.coreset import coreset_size, greedy_coreset
-from models.errors import BadImageError, ConfigError
+from models.errors import ConfigError
 from models.features import PatchFeatureExtractor
-from models.images import decode_image
 from models.memory_bank import MemoryBank
-from models.scoring import anomaly_maps, patch_scores, reweighted_image_scores
+from models.scoring import anomaly_maps, score_patches
 
 logger = logging.getLogger(__name__)
 
@@ -112,56 +107,16 @@ class FoldEnsemble:
     ) -> FoldEnsemble:
         """Fit on nominal images. ``ids`` must be unique; ``sources`` are joined to them by position here
         and by id everywhere after (the order of the inputs does not change the result)."""
-        if len(ids) != len(sources):
-            raise ConfigError(f"got {len(ids)} ids but {len(sources)} images")
-        if len(set(ids)) != len(ids):
-            raise ConfigError("training image ids must be unique")
-        torch.manual_seed(config.seed)
-        report = FitReport()
-        by_id = dict(zip(ids, sources, strict=True))
-        ordered_ids = sorted(by_id)
-        extractor = PatchFeatureExtractor(config, device=device)
+        from models.training import assemble_ensemble, build_fold, extract_features
 
-        started = time.perf_counter()
-        kept_ids, hashes, features, grid = _extract_training_features(
-            extractor, ordered_ids, by_id, config, report, progress
-        )
-        report.seconds["features"] = time.perf_counter() - started
-        if len(kept_ids) < config.folds:
-            raise ConfigError(
-                f"{len(kept_ids)} usable training images for {config.folds} folds; each fold needs at least one "
-                "validation image (add images or lower --folds)"
-            )
+        extractor = PatchFeatureExtractor(config, device=device)
+        features = extract_features(ids, sources, config, extractor=extractor, progress=progress)
         folds = []
-        splitter = KFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
-        for index, (train_rows, val_rows) in enumerate(splitter.split(np.arange(len(kept_ids)))):
-            started = time.perf_counter()
-            bank = _build_bank(features, train_rows, config, fold_index=index)
-            report.seconds[f"fold{index}_coreset"] = time.perf_counter() - started
-            started = time.perf_counter()
-            val_scores = _score_features(bank, features[val_rows], config)
-            report.seconds[f"fold{index}_calibrate"] = time.perf_counter() - started
-            folds.append(
-                Fold(
-                    index=index,
-                    train_ids=tuple(kept_ids[i] for i in train_rows),
-                    validation_ids=tuple(kept_ids[i] for i in val_rows),
-                    threshold=float(val_scores.max()),
-                    bank=bank,
-                )
-            )
+        for index in range(config.folds):
+            folds.append(build_fold(features, index, config))
             if progress:
                 progress("folds", index + 1, config.folds)
-        training = [TrainingImage(id=i, sha256=h) for i, h in zip(kept_ids, hashes, strict=True)]
-        return cls(
-            config,
-            folds,
-            training_images=training,
-            grid=grid,
-            extractor=extractor,
-            device=device,
-            report=report,
-        )
+        return assemble_ensemble(config, features, folds, extractor=extractor, device=device)
 
     # ------------------------------------------------------------------ scoring
     @property
@@ -205,7 +160,7 @@ class FoldEnsemble:
         fold_scores = np.empty((len(self.folds), n_images), dtype=np.float64)
         fold_grids = np.empty((len(self.folds), n_images, height * width), dtype=np.float32)
         for f, fold in enumerate(self.folds):
-            fold_scores[f], fold_grids[f] = _score_patches(fold.bank, patches, self.config)
+            fold_scores[f], fold_grids[f] = score_patches(fold.bank, patches, self.config)
         if self.config.score_aggregate == "max":
             scores, grids = fold_scores.max(axis=0), fold_grids.max(axis=0)
         else:
@@ -269,92 +224,3 @@ def aggregate_thresholds(thresholds: Sequence[float], how: str) -> float:
     if how == "median":
         return float(np.median(values))
     raise ConfigError(f"threshold_aggregate={how!r} must be mean, max or median")
-
-
-def _read_source(source: ImageSource) -> bytes:
-    if isinstance(source, bytes):
-        return source
-    if callable(source):
-        return source()
-    return Path(source).read_bytes()
-
-
-def _extract_training_features(
-    extractor: PatchFeatureExtractor,
-    ordered_ids: list[str],
-    by_id: dict[str, ImageSource],
-    config: PatchCoreConfig,
-    report: FitReport,
-    progress: Progress | None,
-) -> tuple[list[str], list[str], np.ndarray, tuple[int, int]]:
-    """Stream images through the backbone in batches into one float16 array (n_images, n_patches, dim).
-
-    Only one batch of decoded images is alive at a time, and features are stored as float16, so memory
-    grows by ``n_patches · dim · 2`` bytes per image and nothing else.
-    """
-    kept_ids: list[str] = []
-    hashes: list[str] = []
-    store: np.ndarray | None = None
-    grid = (0, 0)
-    for begin in range(0, len(ordered_ids), config.batch_size):
-        batch_ids, batch_images = [], []
-        for image_id in ordered_ids[begin : begin + config.batch_size]:
-            try:
-                data = _read_source(by_id[image_id])
-                image = decode_image(data, name=image_id, max_pixels=config.max_image_pixels)
-            except (BadImageError, OSError) as exc:
-                logger.warning("training image %s left out: %s", image_id, exc)
-                report.skipped.append({"id": image_id, "reason": str(exc)})
-                continue
-            batch_ids.append(image_id)
-            batch_images.append(image)
-            hashes.append(hashlib.sha256(data).hexdigest())
-        if batch_ids:
-            embedded = extractor.embed(batch_images)
-            n, height, width, dim = embedded.shape
-            if store is None:
-                grid = (height, width)
-                store = np.empty((len(ordered_ids), height * width, dim), dtype=np.float16)
-            store[len(kept_ids) : len(kept_ids) + n] = embedded.reshape(n, height * width, dim).numpy()
-            kept_ids.extend(batch_ids)
-        if progress:
-            progress("features", min(begin + config.batch_size, len(ordered_ids)), len(ordered_ids))
-    if store is None:
-        raise ConfigError("no usable training image")
-    return kept_ids, hashes, store[: len(kept_ids)], grid
-
-
-def _build_bank(
-    features: np.ndarray, train_rows: np.ndarray, config: PatchCoreConfig, *, fold_index: int
-) -> MemoryBank:
-    """Coreset of the fold's training patches; the seed depends on the fold so folds differ reproducibly."""
-    patches = torch.from_numpy(features[train_rows].reshape(-1, features.shape[-1]).astype(np.float32))
-    generator = torch.Generator().manual_seed(config.seed * 1_000 + fold_index)
-    selected = greedy_coreset(
-        patches,
-        coreset_size(patches.shape[0], config.coreset_ratio),
-        projection_dim=config.coreset_projection_dim,
-        generator=generator,
-    )
-    return MemoryBank(patches[selected].numpy())
-
-
-def _score_patches(bank: MemoryBank, patches: np.ndarray, config: PatchCoreConfig) -> tuple[np.ndarray, np.ndarray]:
-    """One fold on a batch: image scores (n_images,) and patch scores (n_images, n_patches)."""
-    n_images, n_patches, dim = patches.shape
-    scores, nearest = patch_scores(bank, patches.reshape(-1, dim), config.k)
-    scores = scores.reshape(n_images, n_patches)
-    nearest = nearest.reshape(n_images, n_patches)
-    if config.reweight:
-        image_scores = reweighted_image_scores(bank, patches, scores, nearest, config.k)
-    else:
-        image_scores = scores.max(axis=1).astype(np.float64)
-    return image_scores, scores
-
-
-def _score_features(bank: MemoryBank, features: np.ndarray, config: PatchCoreConfig) -> np.ndarray:
-    """Image scores of stored float16 features, in batches (calibration)."""
-    out = []
-    for begin in range(0, features.shape[0], config.batch_size):
-        out.append(_score_patches(bank, features[begin : begin + config.batch_size].astype(np.float32), config)[0])
-    return np.concatenate(out)

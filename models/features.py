@@ -34,7 +34,12 @@ class PatchFeatureExtractor:
     def embed_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """Preprocessed batch → patch embeddings (n_images, h, w, embed_dim), float32 on CPU."""
         layer_features = self.backbone(batch)
-        embedded = embed_patches(layer_features, patch_size=self.config.patch_size, target_dim=self.config.target_dim)
+        embedded = embed_patches(
+            layer_features,
+            patch_size=self.config.patch_size,
+            target_dim=self.config.target_dim,
+            align=self.config.align,
+        )
         return embedded.float().cpu()
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
+from models.config import PatchCoreConfig
 from models.memory_bank import MemoryBank
 
 
@@ -64,3 +65,17 @@ def anomaly_maps(patch_grid: torch.Tensor, image_size: int, sigma: float) -> tor
         radius = int(4.0 * sigma + 0.5)
         maps = gaussian_blur(maps, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
     return maps[:, 0]
+
+
+def score_patches(bank: MemoryBank, patches: np.ndarray, config: PatchCoreConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One fold on a batch of images' patches (n_images, n_patches, embed_dim): image scores (n_images,),
+    float64, and patch scores (n_images, n_patches), float32."""
+    n_images, n_patches, dim = patches.shape
+    scores, nearest = patch_scores(bank, patches.reshape(-1, dim), config.k)
+    scores = scores.reshape(n_images, n_patches)
+    nearest = nearest.reshape(n_images, n_patches)
+    if config.reweight:
+        image_scores = reweighted_image_scores(bank, patches, scores, nearest, config.k)
+    else:
+        image_scores = scores.max(axis=1).astype(np.float64)
+    return image_scores, scores

@@ -176,6 +176,11 @@ def create_app(settings: Settings | None = None, *, set_as_current: bool = True)
     from worker.tasks import register_tasks  # tasks import this module's names
 
     register_tasks(app, settings)
+    from scheduler.beat import schedule  # the retraining tasks (train queue) and the beat table
+    from scheduler.tasks import register_train_tasks
+
+    register_train_tasks(app, settings)
+    app.conf.beat_schedule = schedule(settings)
     _connect_signals()
     return app
 

@@ -15,8 +15,10 @@ complete) and every load verifies each file's sha256 against the manifest (``Fol
 Hot reload hook: :meth:`ModelProvider.current` is called at the start of every batch. It costs one
 indexed SELECT (or nothing while ``check_interval_s`` has not elapsed) and returns the loaded model for the
 version that should be used now, loading a different one first if the active version changed. A batch
-keeps the :class:`LoadedModel` it started with, so it finishes with one version. Loading in the background
-(issue 4) replaces :meth:`ModelProvider._load_now` with a non-blocking swap; nothing else changes.
+keeps the :class:`LoadedModel` it started with, so it finishes with one version. A new version is loaded
+(downloaded, hash-checked, backbone built) in a background thread; the batch that noticed it waits for it
+at most ``reload_wait_s`` and otherwise goes on with the version already loaded, which keeps scoring until
+the swap. The first model of a process is loaded in the foreground (there is nothing to score with yet).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class ModelProvider:
         model_dir: Path | None = None,
         model_version: str | None = None,
         check_interval_s: float = 0.0,
+        reload_wait_s: float = 10.0,
     ) -> None:
         self._session_factory = session_factory
         self._store = store
@@ -100,6 +103,8 @@ class ModelProvider:
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
         self._checked_at = float("-inf")
+        self._reload_wait_s = reload_wait_s
+        self._reload: tuple[str, threading.Thread] | None = None
 
     @property
     def loaded(self) -> LoadedModel | None:
@@ -119,11 +124,38 @@ class ModelProvider:
                 return self._loaded
             wanted = self.resolve()
             self._checked_at = now
-            if self._loaded is None or self._loaded.version != wanted.version:
-                previous = self._loaded.version if self._loaded else None
+            if self._loaded is None:
                 self._loaded = self._load_now(wanted)
-                logger.info("model %s loaded (was %s) from %s", wanted.version, previous, wanted.artifact_uri)
+                logger.info("model %s loaded from %s", wanted.version, wanted.artifact_uri)
+                return self._loaded
+            if self._loaded.version == wanted.version:
+                return self._loaded
+            reload = self._start_reload(wanted)
+        reload.join(self._reload_wait_s)
+        with self._lock:
             return self._loaded
+
+    def _start_reload(self, ref: ModelRef) -> threading.Thread:
+        """The background load of ``ref`` (started unless one for it is running); call with the lock held."""
+        if self._reload is not None and self._reload[0] == ref.version and self._reload[1].is_alive():
+            return self._reload[1]
+
+        def load() -> None:
+            try:
+                loaded = self._load_now(ref)
+                _ = loaded.ensemble.extractor  # build the backbone here, not in the next batch
+            except Exception:
+                logger.exception("model %s could not be loaded; still scoring with the previous one", ref.version)
+                return
+            with self._lock:
+                previous = self._loaded.version if self._loaded else None
+                self._loaded = loaded
+            logger.info("model %s loaded (was %s) from %s", ref.version, previous, ref.artifact_uri)
+
+        thread = threading.Thread(target=load, name=f"model-reload-{ref.version}", daemon=True)
+        self._reload = (ref.version, thread)
+        thread.start()
+        return thread
 
     def resolve(self) -> ModelRef:
         """The version that should be used now (a cheap DB read; never loads anything)."""

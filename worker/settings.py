@@ -183,6 +183,21 @@ class Settings(BaseSettings):
     task_time_limit_s: int = Field(1800, ge=1)
     reconcile_stale_after_s: int = Field(900, ge=1)  # re-enqueue images still 'queued' after this long
 
+    # --- retraining (scheduler/) -----------------------------------------------------------------
+    retrain_threshold: int = Field(50, ge=1)  # new training-pool images since the last build that start one
+    retrain_check_interval_s: float = Field(300.0, gt=0)  # how often beat counts them
+    nightly_retrain_time: str = Field("02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")  # HH:MM, UTC
+    reconcile_interval_s: float = Field(600.0, gt=0)  # beat's reconciliation scan
+    rebuild_chunk_size: int = Field(64, ge=1)  # images per feature-extraction task
+    rebuild_lease_s: int = Field(7200, ge=60)  # a build with no progress for this long is declared failed
+    rebuild_config: dict[str, Any] = Field(default_factory=dict)  # PatchCoreConfig overrides (JSON)
+    result_backend_url: str | None = None  # chords need one; None: the Redis broker, or file:// under broker_dir
+    gate_auroc_margin: float = Field(0.02, ge=0, le=1)  # candidate AUROC may be this much below active
+    gate_f1_margin: float = Field(0.05, ge=0, le=1)  # candidate F1 may be this much below active
+    gate_max_nominal_flag_rate: float = Field(0.10, ge=0, le=1)  # of recent nominal/good images flagged
+    gate_nominal_sample: int = Field(200, ge=1)  # recent nominal/good images for the threshold check
+    gate_max_labelled: int = Field(500, ge=1)  # most recent labelled images the gate scores
+
     # --- observability ---------------------------------------------------------------------------
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus /metrics of worker and ingest; 0: off
 

@@ -62,7 +62,9 @@ class Pipeline:
 
     def ingestor(self) -> Ingestor:
         app = create_app(self.settings, set_as_current=False)
-        return make_ingestor(self.settings, session_factory=self.session_factory, enqueue=make_enqueue(app), bucket=BUCKET)
+        return make_ingestor(
+            self.settings, session_factory=self.session_factory, enqueue=make_enqueue(app), bucket=BUCKET
+        )
 
     def drain_sqs(self) -> None:
         """Ingest every pending notification (the same SqsSource and Ingestor as ``ingest --source sqs``)."""
@@ -195,7 +197,7 @@ def test_awkward_keys_through_ingest_sqs_and_worker(pipeline: Pipeline) -> None:
         stop.set()
         thread.join(timeout=15)
 
-    assert rows == {key: ("scored", 1) for key in AWKWARD_KEYS}
+    assert rows == dict.fromkeys(AWKWARD_KEYS, ("scored", 1))
     with session_scope(pipeline.session_factory) as session:
         heatmaps = session.execute(
             select(Image.key, Inference.heatmap_key, Inference.download_ms, Inference.model_ms)
@@ -244,7 +246,9 @@ def test_corrupt_zero_byte_and_deleted_objects_are_recorded_without_retry_loops(
         failures = session.execute(
             select(Image.key, Failure.error_type, Failure.attempts).join(Failure, Failure.image_id == Image.id)
         ).all()
-    recorded = {key: (error_type, attempts) for key, error_type, attempts in failures if key.startswith("incoming/bad/")}
+    recorded = {
+        key: (error_type, attempts) for key, error_type, attempts in failures if key.startswith("incoming/bad/")
+    }
     assert recorded == {corrupt: ("bad_image", 1), empty: ("BadObjectError", 1)}
 
 
@@ -280,14 +284,21 @@ def test_webhook_and_redis_sources_are_wired_to_the_same_pipeline(pipeline: Pipe
     pipeline.notifications(enabled=False)
     try:
         uploaded = {}
-        for key, path in (("incoming/hook/a b.png", pipeline.images[14]), ("incoming/redis/c+d.png", pipeline.images[15])):
+        for key, path in (
+            ("incoming/hook/a b.png", pipeline.images[14]),
+            ("incoming/redis/c+d.png", pipeline.images[15]),
+        ):
             data = path.read_bytes()
             etag = pipeline.s3.put_object(Bucket=BUCKET, Key=key, Body=data)["ETag"].strip('"')
             uploaded[key] = (etag, len(data))
     finally:
         pipeline.notifications(enabled=True)
     settings = pipeline.settings.model_copy(
-        update={"webhook_port": free_tcp_port, "webhook_token": SecretStr("s3cret"), "redis_events_key": f"ww-e2e:{uuid.uuid4().hex}"}
+        update={
+            "webhook_port": free_tcp_port,
+            "webhook_token": SecretStr("s3cret"),
+            "redis_events_key": f"ww-e2e:{uuid.uuid4().hex}",
+        }
     )
     stop = threading.Event()
     threads = []
@@ -299,7 +310,9 @@ def test_webhook_and_redis_sources_are_wired_to_the_same_pipeline(pipeline: Pipe
         thread.start()
     try:
         hook_key = "incoming/hook/a b.png"
-        body = json.dumps({"EventName": "s3:ObjectCreated:Put", "Records": [_minio_record(hook_key, *uploaded[hook_key])]})
+        body = json.dumps(
+            {"EventName": "s3:ObjectCreated:Put", "Records": [_minio_record(hook_key, *uploaded[hook_key])]}
+        )
 
         def post(token: str) -> int:
             request = urllib.request.Request(

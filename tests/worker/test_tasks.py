@@ -39,7 +39,7 @@ def test_app_configuration_and_task_options(tmp_path: Path, sqlite_url: str) -> 
     conf = app.conf
 
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
-    assert conf.task_ignore_result and conf.result_backend is None
+    assert conf.task_ignore_result  # the retraining chord may add a result backend; scoring never uses it
     assert conf.task_time_limit == 600 and 0 < conf.task_soft_time_limit < 600
     assert {queue.name for queue in conf.task_queues} == {"score", "train", "ingest"}
     assert app.amqp.router.route({}, SCORE_BATCH)["queue"].name == "score"
@@ -48,7 +48,9 @@ def test_app_configuration_and_task_options(tmp_path: Path, sqlite_url: str) -> 
     assert task.max_retries == 3 and task.retry_backoff == 3.0 and task.retry_jitter
     assert task.acks_late and task.ignore_result
     assert task.autoretry_for and all(issubclass(cls, Exception) for cls in task.autoretry_for)
-    redis_app = create_app(Settings(broker_url="redis://127.0.0.1:6379/15", task_time_limit_s=600), set_as_current=False)
+    redis_app = create_app(
+        Settings(broker_url="redis://127.0.0.1:6379/15", task_time_limit_s=600), set_as_current=False
+    )
     assert redis_app.conf.broker_transport_options["visibility_timeout"] > 600
 
 

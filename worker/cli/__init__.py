@@ -9,6 +9,7 @@ from __future__ import annotations
 from worker.cli import db_cmds as _db_cmds  # noqa: F401  (registers config/db)
 from worker.cli import ingest_cmds as _ingest_cmds  # noqa: F401  (registers ingest/reconcile)
 from worker.cli import model_cmds as _model_cmds  # noqa: F401  (registers train/score/evaluate/dacon)
+from worker.cli import model_cmds_registry as _registry_cmds  # noqa: F401  (label/models/retrain/beat/rescore)
 from worker.cli import pipeline_cmds as _pipeline_cmds  # noqa: F401  (registers worker/demo)
 from worker.cli import report_cmds as _report_cmds  # noqa: F401  (registers report/status)
 from worker.cli.root import app, main

@@ -8,17 +8,20 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from models import FoldEnsemble, PatchCoreConfig, load_image_file
-from models.backbones import BACKBONES
+from models.config import DEFAULT_LAYERS, PatchCoreConfig
 from models.datasets import ImageRef, list_image_source, list_images, read_image_csv
-from models.errors import BadImageError
-from models.heatmap import overlay
 from worker.cli.root import app, console
+
+if TYPE_CHECKING:
+    from models.ensemble import FoldEnsemble
+
+BACKBONES = tuple(DEFAULT_LAYERS)
 
 
 @contextmanager
@@ -80,6 +83,8 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 
 
 def fit_and_save(refs: list[ImageRef], config: PatchCoreConfig, out: Path, device: str) -> FoldEnsemble:
+    from models.ensemble import FoldEnsemble
+
     console.print(f"training on {len(refs)} images with {config.backbone} {list(config.layers)} → {out}")
     with progress_bar() as report:
         ensemble = FoldEnsemble.fit(
@@ -138,6 +143,11 @@ def score(
 ) -> None:
     """Score images: id, score, threshold, decision and per-fold scores. Unreadable images are reported
     as errors in the output (exit code 2 if any) and never stop the others."""
+    from models.ensemble import FoldEnsemble
+    from models.errors import BadImageError
+    from models.heatmap import overlay
+    from models.images import load_image_file
+
     ensemble = FoldEnsemble.load(model, device=device)
     refs = _expand_paths(paths)
     rows: list[dict[str, object]] = []
@@ -231,6 +241,7 @@ def evaluate(
     device: str = DeviceOpt,
 ) -> None:
     """Image AUROC, F1 at the calibrated threshold, and pixel AUROC where masks are given."""
+    from models.ensemble import FoldEnsemble
     from models.evaluation import evaluate_ensemble
 
     ensemble = FoldEnsemble.load(model, device=device)
@@ -275,6 +286,8 @@ def dacon(
     device: str = DeviceOpt,
 ) -> None:
     """Reproduce the Dacon entry: train on train.csv, score test.csv, write the submission in test.csv's order."""
+    from models.images import load_image_file
+
     train_csv, test_csv = data / "train.csv", data / "test.csv"
     for needed in (train_csv, test_csv):
         if not needed.is_file():

@@ -38,8 +38,7 @@ def _provider(session_factory: sessionmaker[Session], store: FolderStore, tmp_pa
 def _register(session_factory: sessionmaker[Session], store: FolderStore, keys: list[str]) -> list[int]:
     with session_scope(session_factory) as session:
         return [
-            repository.register_image(session, bucket=store.bucket, key=key, etag=None, size=None)[0].id
-            for key in keys
+            repository.register_image(session, bucket=store.bucket, key=key, etag=None, size=None)[0].id for key in keys
         ]
 
 
@@ -60,7 +59,9 @@ def test_batch_scores_good_images_and_records_bad_ones_once(
     ids = _register(session_factory, store, keys)
     provider = _provider(session_factory, store, tmp_path)
 
-    result = score_batch(ids, session_factory=session_factory, store=store, model=provider.current, options=ScoringOptions())
+    result = score_batch(
+        ids, session_factory=session_factory, store=store, model=provider.current, options=ScoringOptions()
+    )
 
     assert sorted(result.scored) == ids[:3]
     assert result.failed == ids[3:5]
@@ -81,7 +82,9 @@ def test_batch_scores_good_images_and_records_bad_ones_once(
     assert failures[ids[3]].error_type == "bad_image"
     assert failures[ids[4]].error_type == "BadObjectError"
 
-    again = score_batch(ids, session_factory=session_factory, store=store, model=provider.current, options=ScoringOptions())
+    again = score_batch(
+        ids, session_factory=session_factory, store=store, model=provider.current, options=ScoringOptions()
+    )
 
     assert again.scored == [] and sorted(again.already_done) == sorted(ids)
     with session_scope(session_factory) as session:
@@ -107,7 +110,9 @@ def test_unreachable_storage_raises_transient_and_gave_up_dead_letters(
         assert set(session.scalars(select(Image.status))) == {"queued"}
     assert record_gave_up(session_factory, ids, StorageUnavailableError("down")) == 2
     with session_scope(session_factory) as session:
-        assert {(f.error_type, f.attempts) for f in session.scalars(select(Failure))} == {("StorageUnavailableError", 1)}
+        assert {(f.error_type, f.attempts) for f in session.scalars(select(Failure))} == {
+            ("StorageUnavailableError", 1)
+        }
 
 
 def test_provider_downloads_verifies_and_follows_the_active_version(

@@ -1,0 +1,214 @@
+"""Pipeline throughput and latency: moto S3 → SQS → ingest → Celery (Redis) → model → PostgreSQL.
+
+Prints (not a test):
+
+* images/s through the whole pipeline for N images uploaded at once, at a batch size of 32, divided by
+  images/s of the model alone (``score_images`` on the same decoded images, batch 32), same machine;
+* p50/p95 time from upload to committed inference row at a light load (one image every 0.5 s).
+
+Needs PostgreSQL (``WAFERWATCH_TEST_PG_ADMIN_URL``, default postgres@127.0.0.1:5432; a throw-away database is
+created and dropped) and Redis on 127.0.0.1:6379 (database 14 is flushed). Starts its own moto server and a
+``celery worker -P solo`` subprocess. Usage: ``python bench/bench_pipeline.py [--images 128] [--train 60]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import boto3
+import psycopg
+import redis
+from moto.server import ThreadedMotoServer
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.magnetic_tile import DATASETS
+from models import FoldEnsemble, PatchCoreConfig, decode_image
+from models.datasets import read_image_csv
+from worker.app import create_app, make_enqueue
+from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
+from worker.ingest import build_source, make_ingestor, run_ingest
+from worker.model_provider import publish_model
+from worker.schema import Image, Inference
+from worker.settings import Settings
+from worker.storage import make_store
+
+PG_ADMIN_URL = os.environ.get("WAFERWATCH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+BROKER_URL = "redis://127.0.0.1:6379/14"
+BUCKET = "bench"
+_WORKER_COMMAND = (sys.executable, "-m", "celery", "-A", "worker.app", "worker")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_rows(session_factory, prefix: str, expected: int, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope(session_factory) as session:
+            done = session.scalar(
+                select(func.count()).select_from(Image).where(Image.key.startswith(prefix), Image.status != "queued")
+            )
+        if done >= expected:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{prefix}: only {done} of {expected} images done after {timeout_s} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--train", type=int, default=60, help="training images for the benchmark model")
+    parser.add_argument("--latency-images", type=int, default=20)
+    parser.add_argument("--coreset-ratio", type=float, default=0.02)
+    args = parser.parse_args()
+    data = DATASETS / "dacon-semiconductor"
+    train = sorted(read_image_csv(data / "train.csv"), key=lambda r: r.id)[: args.train]
+    tests = sorted(read_image_csv(data / "test.csv"), key=lambda r: r.id)
+    payloads = [ref.path.read_bytes() for ref in tests]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    os.environ.update({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"})
+
+    print(f"training the benchmark model on {len(train)} images …", flush=True)
+    config = PatchCoreConfig(coreset_ratio=args.coreset_ratio)
+    ensemble = FoldEnsemble.fit([r.id for r in train], [r.path for r in train], config, device="cpu")
+    model_dir = ensemble.save(workdir / "model")
+    ensemble = FoldEnsemble.load(model_dir, device="cpu")  # what the worker will load (hashes verified)
+
+    port = _free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    db_name = f"waferwatch_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{db_name}"')
+    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=db_name).render_as_string(False)
+    broker = redis.Redis.from_url(BROKER_URL)
+    broker.flushdb()
+    worker: subprocess.Popen[bytes] | None = None
+    engine = None
+    try:
+        upgrade_database(url)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        sqs = boto3.client("sqs", endpoint_url=endpoint)
+        queue_url = sqs.create_queue(QueueName="bench-events")["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        s3.create_bucket(Bucket=BUCKET)
+        s3.put_bucket_notification_configuration(
+            Bucket=BUCKET,
+            NotificationConfiguration={"QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]},
+        )
+        values = {
+            "database_url": url,
+            "broker_url": BROKER_URL,
+            "storage": "s3",
+            "s3_endpoint_url": endpoint,
+            "s3_bucket": BUCKET,
+            "sqs_queue_url": queue_url,
+            "model_cache_dir": str(workdir / "cache"),
+            "device": "cpu",
+            "batch_size": "32",
+            "batch_wait_ms": "500",
+        }
+        settings = Settings(**values)  # type: ignore[arg-type]
+        engine = make_engine(url)
+        session_factory = make_session_factory(engine)
+        store = make_store("s3", endpoint_url=endpoint, bucket=BUCKET, region="us-east-1")
+        publish_model(store, session_factory, model_dir, model_prefix="models/")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WAFERWATCH_")}
+        env |= {f"WAFERWATCH_{k.upper()}": v for k, v in values.items()}
+        log = (workdir / "worker.log").open("wb")
+        worker = subprocess.Popen(
+            [*_WORKER_COMMAND, "-P", "solo", "-Q", "score", "--without-gossip", "--without-mingle", "-l", "WARNING"],
+            env=env,
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        ingestor = make_ingestor(
+            settings, session_factory=session_factory, enqueue=make_enqueue(create_app(settings)), bucket=BUCKET
+        )
+        source = build_source("sqs", settings, ingestor, bucket=BUCKET, sqs_wait_time_s=1)
+        stop = threading.Event()
+        ingest = threading.Thread(target=run_ingest, args=(source, ingestor, stop), daemon=True)
+        ingest.start()
+
+        s3.put_object(Bucket=BUCKET, Key="incoming/warmup/0.png", Body=payloads[-1])
+        _wait_rows(session_factory, "incoming/warmup/", 1, 180)  # worker started, model loaded
+
+        n = min(args.images, len(payloads) - 1)
+        started = time.perf_counter()
+        for index in range(n):
+            s3.put_object(Bucket=BUCKET, Key=f"incoming/tput/{index:04d}.png", Body=payloads[index])
+        _wait_rows(session_factory, "incoming/tput/", n, 600)
+        pipeline_s = time.perf_counter() - started
+
+        images = [decode_image(p) for p in payloads[:n]]
+        timings = {}
+        for with_maps in (True, False):
+            begin = time.perf_counter()
+            for chunk in range(0, n, 32):
+                ensemble.score_images(images[chunk : chunk + 32], with_maps=with_maps)
+            timings[with_maps] = time.perf_counter() - begin
+
+        uploaded: dict[str, datetime] = {}
+        for index in range(args.latency_images):
+            key = f"incoming/latency/{index:04d}.png"
+            uploaded[key] = datetime.now(UTC)
+            s3.put_object(Bucket=BUCKET, Key=key, Body=payloads[index])
+            time.sleep(0.5)
+        _wait_rows(session_factory, "incoming/latency/", args.latency_images, 120)
+        with session_scope(session_factory) as session:
+            created = dict(
+                session.execute(
+                    select(Image.key, Inference.created_at)
+                    .join(Inference, Inference.image_id == Image.id)
+                    .where(Image.key.startswith("incoming/latency/"))
+                ).all()
+            )
+        latencies = sorted((created[key] - uploaded[key]).total_seconds() for key in uploaded)
+        stop.set()
+        ingest.join(timeout=15)
+
+        pipeline_rate = n / pipeline_s
+        with_maps_rate, plain_rate = n / timings[True], n / timings[False]
+        print(f"\npipeline: {n} images in {pipeline_s:.1f} s = {pipeline_rate:.2f} images/s (batch 32, 2 CPU cores)")
+        print(f"model alone, score_images batch 32 with maps: {with_maps_rate:.2f} images/s")
+        print(f"model alone, score_images batch 32 no maps:   {plain_rate:.2f} images/s")
+        print(f"ratio pipeline / model (with maps): {pipeline_rate / with_maps_rate:.3f}")
+        print(f"ratio pipeline / model (no maps):   {pipeline_rate / plain_rate:.3f}")
+        p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) >= 2 else latencies[0]
+        print(
+            f"upload → committed row at 1 image / 0.5 s ({len(latencies)} images): "
+            f"p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s, max {latencies[-1]:.2f} s"
+        )
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=30)
+        if engine is not None:
+            engine.dispose()
+        broker.flushdb()
+        moto.stop()
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""The rebuild as plain functions: training pool, trigger decisions, claim, and the steps of the canvas.
+
+Training pool: every image under the nominal prefix plus every image whose latest label is ``good``;
+an image whose latest label is ``defect`` never enters a bank (it is kept for the gate's evaluation).
+The pool is deduplicated by key (the newest object version wins) and sorted, and each image's id in the
+model is its key, so the same pool always gives the same folds and the same model version.
+
+A build is identified by a build id (``build-<utc time>-<random>``) until its content hash, the model
+version, is known. Its ``model_versions`` row (status ``building``, progress in ``stage``, heartbeat in
+``metrics``) is the lease described in :mod:`scheduler.locks`; when the candidate is registered under its
+version, the build row is deleted and its history (trigger, pool, timings) moves into the candidate's
+``metrics``. A failed build keeps its row with status ``failed`` and the reason.
+
+Intermediate artifacts live in the bucket under ``<model_prefix><build_id>/work/``: ``plan.json``, one
+``chunk_<i>.npy``/``.json`` :class:`~models.training.FeatureSet` per extraction task, one
+``fold_<k>.safetensors``/``.json`` per fold bank, and ``timings/<step>.json``. The bucket is the one store
+that every train worker already reaches, on any machine, and every file is hash-checked when read back.
+The ``work/`` objects are deleted once the candidate is uploaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import FoldEnsemble, PatchCoreConfig
+from models.artifacts import load_fold, save_fold
+from models.training import FeatureSet, assemble_ensemble, build_fold, extract_features
+from scheduler.locks import rebuild_lock
+from worker import repository
+from worker.db import session_scope
+from worker.errors import PermanentError
+from worker.model_provider import publish_model
+from worker.schema import Image, Label, ModelVersion, utcnow
+from worker.storage import ObjectStore
+
+__all__ = [
+    "BuildPlan",
+    "PoolImage",
+    "RebuildError",
+    "RebuildOptions",
+    "Trigger",
+    "build_fold_bank",
+    "claim_build",
+    "extract_chunk",
+    "fail_build",
+    "finish_build",
+    "last_build_point",
+    "latest_verdicts",
+    "load_plan",
+    "plan_chunks",
+    "pool_fingerprint",
+    "select_training_pool",
+    "set_stage",
+    "should_rebuild",
+]
+
+logger = logging.getLogger(__name__)
+
+Trigger = Literal["count", "nightly", "manual"]
+_OBJECT_MAX_BYTES = 8 * 1024**3
+
+
+class RebuildError(PermanentError):
+    """A rebuild cannot go on (no plan, too few usable images): recorded on the build row, not retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolImage:
+    """One training image: its ``images`` row, key (the id inside the model) and object version."""
+
+    image_id: int
+    key: str
+    etag: str
+    added_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildOptions:
+    """The settings values a rebuild needs (passed down from the entry point)."""
+
+    bucket: str
+    model_prefix: str = "models/"
+    retrain_threshold: int = 50
+    chunk_size: int = 64
+    lease_s: int = 7200
+    config_overrides: Mapping[str, Any] = field(default_factory=dict)
+    max_object_bytes: int = 200 * 1024 * 1024
+
+
+@dataclass
+class BuildPlan:
+    """What one build trains on and how it is split; stored as ``work/plan.json`` in the bucket."""
+
+    build_id: str
+    trigger: str
+    config: dict[str, Any]
+    keys: list[str]
+    etags: list[str]
+    chunks: list[list[str]]
+    fingerprint: str
+    snapshot_at: str
+    work_prefix: str
+    model_prefix: str
+
+    @property
+    def patchcore_config(self) -> PatchCoreConfig:
+        return PatchCoreConfig.from_dict(self.config)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> BuildPlan:
+        return cls(**json.loads(data))
+
+
+# --- training pool -----------------------------------------------------------------------------------
+
+
+def latest_verdicts(session: Session) -> Any:
+    """A subquery (image_id, verdict, created_at) with each image's latest label (later relabels win)."""
+    ranked = select(
+        Label.image_id,
+        Label.verdict,
+        Label.created_at,
+        func.row_number()
+        .over(partition_by=Label.image_id, order_by=(Label.created_at.desc(), Label.id.desc()))
+        .label("rank"),
+    ).subquery()
+    return (
+        select(ranked.c.image_id, ranked.c.verdict, ranked.c.created_at).where(ranked.c.rank == 1).subquery("verdicts")
+    )
+
+
+def select_training_pool(session: Session, *, bucket: str) -> list[PoolImage]:
+    """Nominal images and images confirmed good, never confirmed defects; one per key, sorted by key."""
+    verdicts = latest_verdicts(session)
+    rows = session.execute(
+        select(Image.id, Image.key, Image.etag_or_version, Image.kind, Image.first_seen_at, verdicts.c.verdict,
+               verdicts.c.created_at)
+        .outerjoin(verdicts, verdicts.c.image_id == Image.id)
+        .where(Image.bucket == bucket, Image.status.not_in(("failed", "skipped")))
+        .order_by(Image.key, Image.id)
+    ).all()  # fmt: skip
+    newest: dict[str, PoolImage | None] = {}
+    for image_id, key, etag, kind, first_seen_at, verdict, labelled_at in rows:
+        if verdict == "defect" or (kind != "nominal" and verdict != "good"):
+            newest[key] = None  # a newer version of a key that is not (or no longer) training data
+            continue
+        added_at = labelled_at if kind != "nominal" and labelled_at is not None else first_seen_at
+        newest[key] = PoolImage(image_id, key, etag, added_at)
+    return [image for image in newest.values() if image is not None]
+
+
+def pool_fingerprint(pool: Sequence[PoolImage]) -> str:
+    """sha256 over the sorted (key, object version) pairs: equal fingerprints, equal training data."""
+    digest = hashlib.sha256()
+    for image in sorted(pool, key=lambda item: item.key):
+        digest.update(f"{image.key}\0{image.etag}\n".encode())
+    return digest.hexdigest()
+
+
+def plan_chunks(keys: Sequence[str], chunk_size: int) -> list[list[str]]:
+    """Sorted keys split into extraction chunks of at most ``chunk_size`` (the last may be shorter)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    ordered = sorted(keys)
+    return [ordered[begin : begin + chunk_size] for begin in range(0, len(ordered), chunk_size)]
+
+
+def last_build_point(session: Session) -> tuple[datetime | None, str | None]:
+    """(pool snapshot time, pool fingerprint) of the newest finished build, or of the active version.
+
+    Candidates held back by the gate count as builds, so an unchanged pool is not rebuilt every few
+    minutes. A version registered outside the scheduler (no pool recorded) counts from its creation.
+    """
+    rows = session.scalars(
+        select(ModelVersion).where(ModelVersion.status != "building").order_by(ModelVersion.created_at.desc()).limit(50)
+    ).all()
+    for row in rows:
+        pool = (row.metrics or {}).get("pool") or {}
+        if pool.get("snapshot_at"):
+            return datetime.fromisoformat(pool["snapshot_at"]), pool.get("fingerprint")
+    active = next((row for row in rows if row.status == "active"), None)
+    return (active.created_at, None) if active is not None else (None, None)
+
+
+def should_rebuild(
+    pool: Sequence[PoolImage], trigger: Trigger, *, since: datetime | None, fingerprint: str | None, threshold: int
+) -> tuple[bool, str]:
+    """Whether ``trigger`` starts a build now, and why (or why not)."""
+    if not pool:
+        return False, "the training pool is empty"
+    if trigger == "manual":
+        return True, f"manual, {len(pool)} images"
+    current = pool_fingerprint(pool)
+    if trigger == "nightly":
+        if current == fingerprint:
+            return False, "nothing changed since the last build"
+        return True, f"nightly, {len(pool)} images (pool changed)"
+    new = len(pool) if since is None else sum(1 for image in pool if image.added_at > since)
+    if new >= threshold:
+        return True, f"{new} new pool images >= {threshold}"
+    return False, f"{new} new pool images < {threshold}"
+
+
+# --- claim and progress ------------------------------------------------------------------------------
+
+
+def _new_build_id() -> str:
+    return f"build-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _expire_stale_builds(session: Session, lease_s: int) -> list[ModelVersion]:
+    """Builds whose heartbeat is older than the lease become ``failed``; returns the live ones."""
+    live = []
+    now = utcnow()
+    for row in session.scalars(select(ModelVersion).where(ModelVersion.status == "building")).all():
+        beat = (row.metrics or {}).get("heartbeat_at")
+        last = datetime.fromisoformat(beat) if beat else row.created_at
+        if now - last > timedelta(seconds=lease_s):
+            repository.update_model_version(
+                session, version=row.id, status="failed", reason=f"lease expired: no progress since {last.isoformat()}"
+            )
+        else:
+            live.append(row)
+    return live
+
+
+def build_config(session: Session, overrides: Mapping[str, Any]) -> PatchCoreConfig:
+    """The active version's config (same recipe as what is scoring now), or the default, plus overrides."""
+    active = repository.get_active_model_version(session)
+    base = (active.manifest or {}).get("config") if active is not None else None
+    config = PatchCoreConfig.from_dict(base) if base else PatchCoreConfig()
+    return config.replace(**dict(overrides)) if overrides else config
+
+
+def claim_build(
+    *,
+    engine: Engine,
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    trigger: Trigger,
+    options: RebuildOptions,
+) -> tuple[BuildPlan | None, str]:
+    """Decide under the rebuild lock whether to build; if so, register the ``building`` row and the plan.
+
+    Returns (plan, why). The plan is None when another trigger holds the lock, a build is running, or the
+    pool does not call for one. The row is committed before the plan is uploaded and before the caller
+    sends any task, so a task never looks for a row that is not there.
+    """
+    with rebuild_lock(engine) as taken:
+        if not taken:
+            return None, "another trigger holds the rebuild lock"
+        with session_scope(session_factory) as session:
+            live = _expire_stale_builds(session, options.lease_s)
+        if live:
+            return None, f"build {live[0].id} is running ({live[0].stage})"
+        with session_scope(session_factory) as session:
+            snapshot_at = utcnow()
+            pool = select_training_pool(session, bucket=options.bucket)
+            since, fingerprint = last_build_point(session)
+            start, why = should_rebuild(
+                pool, trigger, since=since, fingerprint=fingerprint, threshold=options.retrain_threshold
+            )
+            if not start:
+                return None, why
+            config = build_config(session, options.config_overrides)
+            if len(pool) < config.folds:
+                return None, f"{len(pool)} pool images for {config.folds} folds"
+            build_id = _new_build_id()
+            keys = [image.key for image in pool]
+            plan = BuildPlan(
+                build_id=build_id,
+                trigger=trigger,
+                config=config.to_dict(),
+                keys=keys,
+                etags=[image.etag for image in pool],
+                chunks=plan_chunks(keys, options.chunk_size),
+                fingerprint=pool_fingerprint(pool),
+                snapshot_at=snapshot_at.isoformat(),
+                work_prefix=f"{options.model_prefix}{build_id}/work/",
+                model_prefix=options.model_prefix,
+            )
+            repository.ensure_model_version(
+                session,
+                version=build_id,
+                status="building",
+                manifest={"build_id": build_id, "trigger": trigger, "why": why, "config": plan.config},
+                metrics={
+                    "heartbeat_at": snapshot_at.isoformat(),
+                    "pool": {"size": len(pool), "fingerprint": plan.fingerprint, "snapshot_at": plan.snapshot_at},
+                },
+            )
+            repository.update_model_version(session, version=build_id, stage=f"planned: {len(plan.chunks)} chunks")
+    try:
+        store.put(plan.work_prefix + "plan.json", plan.to_json(), content_type="application/json")
+    except Exception as exc:
+        fail_build(session_factory, build_id, f"plan upload failed: {exc}")
+        raise
+    logger.info("build %s claimed (%s): %d images, %d chunks", build_id, why, len(plan.keys), len(plan.chunks))
+    return plan, why
+
+
+def set_stage(session_factory: sessionmaker[Session], build_id: str, stage: str) -> None:
+    """Show progress on the build row and renew its lease (a no-op once the build row is gone)."""
+    with session_scope(session_factory) as session:
+        row = session.get(ModelVersion, build_id)
+        if row is None or row.status != "building":
+            return
+        row.stage = stage
+        row.metrics = {**(row.metrics or {}), "heartbeat_at": utcnow().isoformat()}
+
+
+def fail_build(session_factory: sessionmaker[Session], build_id: str, reason: str) -> None:
+    """Mark a build ``failed`` with its reason (only while it is still ``building``)."""
+    with session_scope(session_factory) as session:
+        row = session.get(ModelVersion, build_id)
+        if row is not None and row.status == "building":
+            repository.update_model_version(session, version=build_id, status="failed", reason=reason[:4000])
+    logger.error("build %s failed: %s", build_id, reason)
+
+
+# --- the steps (one per task) -----------------------------------------------------------------------
+
+
+def load_plan(store: ObjectStore, model_prefix: str, build_id: str) -> BuildPlan:
+    key = f"{model_prefix}{build_id}/work/plan.json"
+    return BuildPlan.from_json(store.get(key, max_bytes=_OBJECT_MAX_BYTES).data)
+
+
+def _upload(store: ObjectStore, prefix: str, paths: Sequence[Path]) -> None:
+    for path in paths:
+        store.put(prefix + path.name, path.read_bytes())
+
+
+def _download(store: ObjectStore, key: str, target: Path) -> Path:
+    target.write_bytes(store.get(key, max_bytes=_OBJECT_MAX_BYTES).data)
+    return target
+
+
+def _record_timing(store: ObjectStore, plan: BuildPlan, step: str, seconds: float) -> None:
+    body = json.dumps({"step": step, "seconds": seconds}).encode()
+    store.put(f"{plan.work_prefix}timings/{step}.json", body, content_type="application/json")
+
+
+def extract_chunk(store: ObjectStore, plan: BuildPlan, index: int, *, device: str, max_object_bytes: int) -> int:
+    """Features of chunk ``index`` to ``work/chunk_<index>.*``; returns how many images it kept."""
+    started = time.perf_counter()
+    keys = plan.chunks[index]
+
+    def reader(key: str) -> Callable[[], bytes]:
+        return lambda: store.get(key, max_bytes=max_object_bytes).data
+
+    features = extract_features(keys, [reader(key) for key in keys], plan.patchcore_config, device=device)
+    with tempfile.TemporaryDirectory(prefix="waferwatch-chunk-") as folder:
+        _upload(store, plan.work_prefix, features.save(Path(folder), f"chunk_{index:04d}"))
+    _record_timing(store, plan, f"extract_{index:04d}", time.perf_counter() - started)
+    return len(features.ids)
+
+
+def load_features(store: ObjectStore, plan: BuildPlan, folder: Path) -> FeatureSet:
+    """Every chunk of the plan, hash-checked, merged into one set sorted by id."""
+    parts = []
+    for index in range(len(plan.chunks)):
+        name = f"chunk_{index:04d}"
+        for suffix in (".npy", ".json"):
+            _download(store, f"{plan.work_prefix}{name}{suffix}", folder / f"{name}{suffix}")
+        parts.append(FeatureSet.load(folder, name))
+    return FeatureSet.concatenate(parts)
+
+
+def build_fold_bank(store: ObjectStore, plan: BuildPlan, index: int) -> int:
+    """Fold ``index``'s bank and threshold to ``work/fold_<index>.*``; returns the bank size."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="waferwatch-fold-") as folder:
+        features = load_features(store, plan, Path(folder))
+        fold = build_fold(features, index, plan.patchcore_config)
+        out = Path(folder) / "out"
+        _upload(store, plan.work_prefix, save_fold(fold, out))
+    _record_timing(store, plan, f"fold_{index}", time.perf_counter() - started)
+    return fold.bank.n_entries
+
+
+@dataclass
+class FinishedBuild:
+    """A registered candidate: its version, the ensemble in memory and where the build time went."""
+
+    version: str
+    ensemble: FoldEnsemble
+    timings: dict[str, float]
+    skipped: int
+
+
+def finish_build(
+    store: ObjectStore, session_factory: sessionmaker[Session], plan: BuildPlan, *, cache_dir: Path, device: str
+) -> FinishedBuild:
+    """Assemble the folds, upload ``models/<version>/`` (manifest last), register the candidate row.
+
+    The build row is deleted in the same transaction that writes the pool and timings into the
+    candidate's metrics; the ``work/`` objects are deleted afterwards.
+    """
+    started = time.perf_counter()
+    config = plan.patchcore_config
+    with tempfile.TemporaryDirectory(prefix="waferwatch-finish-") as folder:
+        features = load_features(store, plan, Path(folder))
+        for index in range(config.folds):
+            for suffix in (".safetensors", ".json"):
+                _download(store, f"{plan.work_prefix}fold_{index}{suffix}", Path(folder) / f"fold_{index}{suffix}")
+        folds = [load_fold(Path(folder), index) for index in range(config.folds)]
+        ensemble = assemble_ensemble(config, features, folds, device=device)
+        version = ensemble.version
+        target = cache_dir / version
+        assembled = time.perf_counter()
+        if not (target / "manifest.json").is_file():
+            ensemble.save(target)
+        publish_model(store, session_factory, target, model_prefix=plan.model_prefix, activate=False)
+        uploaded = time.perf_counter()
+    timings = _collect_timings(store, plan)
+    timings["assemble"] = assembled - started
+    timings["upload"] = uploaded - assembled
+    with session_scope(session_factory) as session:
+        build = session.get(ModelVersion, plan.build_id)
+        history = dict(build.metrics or {}) if build is not None else {}
+        history.pop("heartbeat_at", None)
+        row = session.get(ModelVersion, version, populate_existing=True)
+        row.metrics = {
+            **(row.metrics or {}),
+            **history,
+            "build": {"build_id": plan.build_id, "trigger": plan.trigger, "timings_s": timings},
+        }
+        row.stage = "gate"
+        session.execute(delete(ModelVersion).where(ModelVersion.id == plan.build_id, ModelVersion.status == "building"))
+    for info in list(store.list(plan.work_prefix)):
+        store.delete(info.key)
+    return FinishedBuild(version, ensemble, timings, len(features.skipped))
+
+
+def _collect_timings(store: ObjectStore, plan: BuildPlan) -> dict[str, float]:
+    extract, folds = [], []
+    for info in store.list(plan.work_prefix + "timings/"):
+        entry = json.loads(store.get(info.key, max_bytes=1 << 20).data)
+        (extract if entry["step"].startswith("extract") else folds).append(float(entry["seconds"]))
+    return {
+        "extract_total": sum(extract),
+        "extract_max_task": max(extract, default=0.0),
+        "fold_total": sum(folds),
+        "fold_max_task": max(folds, default=0.0),
+    }
