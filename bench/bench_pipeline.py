@@ -4,7 +4,7 @@ Prints (not a test):
 
 * images/s through the whole pipeline for N images uploaded at once, at a batch size of 32, divided by
   images/s of the model alone (``score_images`` on the same decoded images, batch 32), same machine;
-* p50/p95 time from upload to committed inference row at a light load (one image every 0.5 s).
+* p50/p95 time from upload to committed inference row at a light load (one image every 2 s by default).
 
 Needs PostgreSQL (``WAFERWATCH_TEST_PG_ADMIN_URL``, default postgres@127.0.0.1:5432; a throw-away database is
 created and dropped) and Redis on 127.0.0.1:6379 (database 14 is flushed). Starts its own moto server and a
@@ -76,7 +76,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--train", type=int, default=60, help="training images for the benchmark model")
     parser.add_argument("--latency-images", type=int, default=20)
-    parser.add_argument("--coreset-ratio", type=float, default=0.02)
+    parser.add_argument(
+        "--latency-interval", type=float, default=2.0, help="seconds between uploads at light load (below capacity)"
+    )
+    parser.add_argument("--coreset-ratio", type=float, default=PatchCoreConfig().coreset_ratio)
     args = parser.parse_args()
     data = DATASETS / "dacon-semiconductor"
     train = sorted(read_image_csv(data / "train.csv"), key=lambda r: r.id)[: args.train]
@@ -172,7 +175,7 @@ def main() -> None:
             key = f"incoming/latency/{index:04d}.png"
             uploaded[key] = datetime.now(UTC)
             s3.put_object(Bucket=BUCKET, Key=key, Body=payloads[index])
-            time.sleep(0.5)
+            time.sleep(args.latency_interval)
         _wait_rows(session_factory, "incoming/latency/", args.latency_images, 120)
         with session_scope(session_factory) as session:
             created = dict(
@@ -195,7 +198,7 @@ def main() -> None:
         print(f"ratio pipeline / model (no maps):   {pipeline_rate / plain_rate:.3f}")
         p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) >= 2 else latencies[0]
         print(
-            f"upload → committed row at 1 image / 0.5 s ({len(latencies)} images): "
+            f"upload → committed row at 1 image / {args.latency_interval:g} s ({len(latencies)} images): "
             f"p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s, max {latencies[-1]:.2f} s"
         )
     finally:

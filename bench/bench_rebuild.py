@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--chunk", type=int, default=10)
-    parser.add_argument("--coreset", type=float, default=0.02)
+    parser.add_argument("--coreset", type=float, default=PatchCoreConfig().coreset_ratio)
     args = parser.parse_args()
     train = sorted((DATASETS / "dacon-semiconductor" / "train").glob("*.png"))
     pool, seed_images = train[: args.images], train[-12:]

@@ -52,10 +52,10 @@ class PatchCoreConfig:
     weights_path: str | None = None  # torchvision backbones: explicit weights file
     image_size: int = 224
     patch_size: int = 3  # local neighbourhood averaged around each feature-map position
-    align: Literal["finest", "coarsest"] = "finest"  # grid the tapped layers are aligned to
+    align: Literal["finest", "coarsest"] = "coarsest"  # grid the tapped layers are aligned to (see README)
     target_dim: int | None = None  # None → DEFAULT_TARGET_DIM[backbone]; 0 → keep the concatenated channels
-    coreset_ratio: float = 0.10
-    coreset_projection_dim: int = 128
+    coreset_ratio: float = 0.01
+    coreset_projection_dim: int = 128  # random projection for features wider than 2× this; 0 = never
     k: int = 5
     reweight: bool = True  # PatchCore eq. 7
     folds: int = 5
@@ -80,7 +80,7 @@ class PatchCoreConfig:
         _check(self.align in ("finest", "coarsest"), f"align={self.align!r} must be 'finest' or 'coarsest'")
         _check(self.target_dim >= 0, f"target_dim={self.target_dim} must be >= 0 (0 keeps every channel)")
         _check(0.0 < self.coreset_ratio <= 1.0, f"coreset_ratio={self.coreset_ratio} must be in (0, 1]")
-        _check(self.coreset_projection_dim >= 1, "coreset_projection_dim must be >= 1")
+        _check(self.coreset_projection_dim >= 0, "coreset_projection_dim must be >= 0 (0: never project)")
         _check(self.k >= 1, f"k={self.k} must be >= 1")
         _check(self.folds >= 2, f"folds={self.folds} must be at least 2 (each fold needs a validation part)")
         _check(

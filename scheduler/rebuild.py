@@ -427,7 +427,7 @@ def finish_build(
         assembled = time.perf_counter()
         if not (target / "manifest.json").is_file():
             ensemble.save(target)
-        publish_model(store, session_factory, target, model_prefix=plan.model_prefix, activate=False)
+        publish_model(store, session_factory, target, model_prefix=plan.model_prefix, activate=False, stage="gate")
         uploaded = time.perf_counter()
     timings = _collect_timings(store, plan)
     timings["assemble"] = assembled - started

@@ -272,10 +272,13 @@ def publish_model(
     *,
     model_prefix: str,
     activate: bool = True,
+    stage: str | None = None,
 ) -> ModelRef:
     """Upload a model directory to ``<model_prefix><version>/``, register it, and optionally activate it.
 
-    The manifest is uploaded last, so a reader never sees a manifest naming files not yet there.
+    The manifest is uploaded last, so a reader never sees a manifest naming files not yet there. ``stage``
+    is written in the same transaction as the row, so nobody sees a candidate whose gate has not run as a
+    finished one.
     """
     manifest = read_manifest(directory)
     version = manifest["version"]
@@ -296,6 +299,8 @@ def publish_model(
         )
         if row.artifact_uri != prefix:
             raise ValueError(f"model {version} is already registered at {row.artifact_uri}, not {prefix}")
+        if stage is not None:
+            row.stage = stage
         if activate:
             repository.set_active_model_version(session, version)
     return ModelRef(version, prefix)

@@ -61,8 +61,9 @@ def test_same_seed_same_selection_other_seed_other_start():
 
 
 def test_projection_leaves_narrow_features_alone_and_shrinks_wide_ones():
-    narrow = torch.randn(10, 16)
+    narrow = torch.randn(10, 60)
     assert torch.equal(random_projection(narrow, 32, generator=torch.Generator().manual_seed(0)), narrow)
+    assert torch.equal(random_projection(narrow, 0, generator=torch.Generator().manual_seed(0)), narrow)
     wide = torch.randn(10, 300)
     assert random_projection(wide, 32, generator=torch.Generator().manual_seed(0)).shape == (10, 32)
 
