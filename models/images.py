@@ -92,12 +92,7 @@ def to_tensor(
 
     Pillow does the resize on uint8 so the result is bit-identical on every OS and CPU.
     """
-    resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array.transpose(2, 0, 1).copy())
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (tensor - mean_t) / std_t
+    return to_batch([image], image_size=image_size, mean=mean, std=std)[0]
 
 
 def to_batch(
@@ -107,7 +102,11 @@ def to_batch(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """Stack :func:`to_tensor` over images: shape (n_images, 3, S, S)."""
+    """Resize and normalise a batch: (n_images, 3, S, S) float32, normalised in one vectorised step."""
     if not images:
         return torch.empty(0, 3, image_size, image_size)
-    return torch.stack([to_tensor(img, image_size=image_size, mean=mean, std=std) for img in images])
+    pixels = np.stack([np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR)) for img in images])
+    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, 3, 1, 1)
+    return (batch * scale - shift).contiguous()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 from models.config import PatchCoreConfig
 from models.memory_bank import MemoryBank
@@ -57,14 +58,32 @@ def reweighted_image_scores(
 
 
 def anomaly_maps(patch_grid: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
-    """Patch scores (n_images, h, w) → maps (n_images, image_size, image_size), bilinear then Gaussian σ."""
-    maps = F.interpolate(
-        patch_grid[:, None].float(), size=(image_size, image_size), mode="bilinear", align_corners=False
-    )
+    """Patch scores (n_images, h, w) → maps (n_images, image_size, image_size): bilinear upsampling, then a
+    Gaussian blur of standard deviation ``sigma`` (kernel radius 4σ, reflected borders).
+
+    Both steps are linear and separable, so they are applied as one precomputed (image_size × h) matrix per
+    axis: ``M_h · grid · M_wᵀ``. That gives the same maps as upsampling then convolving, for a fraction of
+    the cost (a 224² map from a 14² grid: ~0.75 M multiply-adds instead of ~6 M).
+    """
+    _, height, width = patch_grid.shape
+    rows = _map_operator(height, image_size, float(sigma))
+    cols = _map_operator(width, image_size, float(sigma))
+    return rows @ patch_grid.float() @ cols.T
+
+
+@functools.lru_cache(maxsize=16)
+def _map_operator(grid_size: int, image_size: int, sigma: float) -> torch.Tensor:
+    """The (image_size, grid_size) matrix of 1-D linear upsampling (align_corners=False) then blurring."""
+    basis = torch.eye(grid_size, dtype=torch.float32)[:, None, :]  # each grid cell as a unit impulse
+    upsampled = F.interpolate(basis, size=image_size, mode="linear", align_corners=False)
     if sigma > 0:
-        radius = int(4.0 * sigma + 0.5)
-        maps = gaussian_blur(maps, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
-    return maps[:, 0]
+        radius = min(int(4.0 * sigma + 0.5), image_size - 1)
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel /= kernel.sum()
+        padded = F.pad(upsampled, (radius, radius), mode="reflect")
+        upsampled = F.conv1d(padded, kernel.view(1, 1, -1))
+    return upsampled[:, 0, :].T.contiguous()
 
 
 def score_patches(bank: MemoryBank, patches: np.ndarray, config: PatchCoreConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -38,6 +38,6 @@ def small_config() -> PatchCoreConfig:
 
 @pytest.fixture(scope="session")
 def tile_ensemble(tile_split: MagneticTileSplit, small_config: PatchCoreConfig) -> FoldEnsemble:
-    """An ensemble trained on 60 real defect-free magnetic tiles."""
-    train = subsample(tile_split.train, 60)
+    """An ensemble trained on 120 real defect-free magnetic tiles."""
+    train = subsample(tile_split.train, 120)
     return FoldEnsemble.fit([r.id for r in train], [r.path for r in train], small_config, device="cpu")

@@ -7,9 +7,10 @@ from bench.magnetic_tile import subsample
 from models import FoldEnsemble, load_image_file
 from models.evaluation import evaluate_ensemble
 
-# Measured on this split (60 train / 30 good + 30 defective held out): image AUROC 0.9x; the bound keeps a
-# wide margin for other CPUs while staying far above chance (0.5).
+# Measured on this split (120 train, coreset 2%, 40 good + 40 defective held out): image AUROC 0.836, pixel
+# AUROC 0.787. The bounds keep a margin for other CPUs and BLAS builds while staying far above chance (0.5).
 MIN_TILE_AUROC = 0.75
+MIN_TILE_PIXEL_AUROC = 0.70
 
 
 def test_fold_thresholds_are_the_max_validation_score_of_each_fold(tile_ensemble, tile_split):
@@ -43,10 +44,10 @@ def test_score_is_max_over_folds_and_decision_is_strictly_above(tile_ensemble, t
 
 
 def test_defects_score_above_nominal_on_held_out_tiles(tile_ensemble, tile_split):
-    good, bad = subsample(tile_split.test_good, 30), subsample(tile_split.test_bad, 30)
+    good, bad = subsample(tile_split.test_good, 40), subsample(tile_split.test_bad, 40)
     report, _ = evaluate_ensemble(tile_ensemble, good, bad, masks=tile_split.masks)
     assert report.image_auroc >= MIN_TILE_AUROC, report
-    assert report.pixel_auroc is not None and report.pixel_auroc > 0.7, report
+    assert report.pixel_auroc is not None and report.pixel_auroc >= MIN_TILE_PIXEL_AUROC, report
 
 
 def test_same_inputs_same_model_whatever_their_order(tile_split, small_config):

@@ -68,3 +68,12 @@ def test_threshold_aggregates():
     assert aggregate_thresholds([1.0, 2.0, 6.0], "mean") == pytest.approx(3.0)
     assert aggregate_thresholds([1.0, 2.0, 6.0], "max") == 6.0
     assert aggregate_thresholds([1.0, 2.0, 6.0], "median") == 2.0
+
+
+def test_anomaly_maps_equal_upsampling_then_gaussian_blur():
+    from torchvision.transforms.functional import gaussian_blur
+
+    grid = torch.rand(3, 14, 10, generator=torch.Generator().manual_seed(0))
+    upsampled = torch.nn.functional.interpolate(grid[:, None], size=(96, 96), mode="bilinear", align_corners=False)
+    expected = gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[4.0, 4.0])[:, 0]
+    torch.testing.assert_close(anomaly_maps(grid, 96, sigma=4.0), expected, rtol=0, atol=1e-5)
