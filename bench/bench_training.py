@@ -39,8 +39,9 @@ def straightforward_greedy(points: torch.Tensor, n_select: int, start: int) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-naive", action="store_true", help="skip the (slow) baseline coreset")
+    parser.add_argument("--align", default=PatchCoreConfig().align, help="finest: the 28×28 PatchCore grid")
     args = parser.parse_args()
-    config = PatchCoreConfig()
+    config = PatchCoreConfig(align=args.align)
     refs = dacon_train()
     ids, paths = [r.id for r in refs], [r.path for r in refs]
     extractor = PatchFeatureExtractor(config, device="auto")
@@ -56,7 +57,10 @@ def main() -> None:
         fold_s.append(time.perf_counter() - started)
     ensemble = assemble_ensemble(config, features, folds, extractor=extractor)
     total_s = features_s + sum(fold_s)
-    print(f"{len(ids)} Dacon training images, {config.backbone}, {config.image_size}px, ratio {config.coreset_ratio}")
+    print(
+        f"{len(ids)} Dacon training images, {config.backbone}, {config.image_size}px, grid {features.grid}, "
+        f"ratio {config.coreset_ratio}"
+    )
     print(f"features: {features_s:.1f}s; folds: {', '.join(f'{s:.1f}s' for s in fold_s)}; total {total_s:.1f}s")
     print(f"ratio training/features: {total_s / features_s:.2f}  (target <= 3); model {ensemble.version}")
 
