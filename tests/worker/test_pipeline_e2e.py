@@ -37,6 +37,11 @@ from worker.settings import Settings
 from worker.sources.sqs import SqsSource
 from worker.storage import make_store
 
+try:
+    from tests.s3_server import free_port
+except ModuleNotFoundError:  # pytest put tests/ itself on sys.path
+    from s3_server import free_port
+
 BROKER_URL = "redis://127.0.0.1:6379/15"
 BUCKET = "fab-e2e"
 AWKWARD_KEYS = [
@@ -153,6 +158,7 @@ def pipeline(
         "task_max_attempts": "2",
         "retry_backoff_s": "0.5",
         "redis_events_url": BROKER_URL,
+        "metrics_port": str(free_port()),
     }
     settings = Settings(**values)  # type: ignore[arg-type]
     env = {f"WAFERWATCH_{name.upper()}": value for name, value in values.items()}
@@ -198,6 +204,7 @@ def test_awkward_keys_through_ingest_sqs_and_worker(pipeline: Pipeline) -> None:
         thread.join(timeout=15)
 
     assert rows == dict.fromkeys(AWKWARD_KEYS, ("scored", 1))
+    _assert_worker_metrics(pipeline, at_least=len(AWKWARD_KEYS))
     with session_scope(pipeline.session_factory) as session:
         heatmaps = session.execute(
             select(Image.key, Inference.heatmap_key, Inference.download_ms, Inference.model_ms)
@@ -209,6 +216,24 @@ def test_awkward_keys_through_ingest_sqs_and_worker(pipeline: Pipeline) -> None:
         assert pipeline.s3.head_object(Bucket=BUCKET, Key=heatmap_key)["ContentLength"] > 0
         assert download_ms is not None and model_ms > 0
     assert not thread.is_alive()
+
+
+def _assert_worker_metrics(pipeline: Pipeline, *, at_least: int) -> None:
+    """Scrape the worker's Prometheus endpoint right after a real scoring run."""
+    url = f"http://127.0.0.1:{pipeline.settings.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    scored = sum(v for k, v in samples.items() if k.startswith("waferwatch_images_scored_total"))
+    assert scored >= at_least, text
+    stages = {k for k in samples if k.startswith("waferwatch_stage_seconds_count")}
+    assert any('stage="model"' in k for k in stages) and any('stage="download"' in k for k in stages), stages
+    assert any(k.startswith("waferwatch_batch_size_count") and v >= 1 for k, v in samples.items())
+    assert any(k.startswith("waferwatch_active_model_info") for k in samples)
 
 
 def test_duplicate_notification_adds_no_row(pipeline: Pipeline) -> None:
