@@ -34,14 +34,20 @@ def colorize(anomaly_map: np.ndarray, *, low: float, high: float) -> Image.Image
     return Image.fromarray(_RAMP[(levels * 255).round().astype(np.uint8)], mode="RGB")
 
 
-def overlay(image: Image.Image, anomaly_map: np.ndarray, *, threshold: float, alpha: float = 0.5) -> Image.Image:
-    """Blend the colourised map (scaled so the threshold sits at the top of the ramp's orange) over the
-    image at the image's own size."""
-    heat = colorize(anomaly_map, low=0.0, high=threshold * 1.25).resize(image.size, Image.Resampling.BILINEAR)
-    return Image.blend(image.convert("RGB"), heat, alpha)
+def overlay(image: Image.Image, anomaly_map: np.ndarray, *, threshold: float, alpha: float = 0.6) -> Image.Image:
+    """The map over the image at the image's own size, on a fixed scale from 0.7× to 1.2× the threshold.
+
+    Opacity follows the score, so nominal regions keep the original pixels and only what approaches or
+    exceeds the threshold is painted: the eye goes to the defect, and heatmaps of different images compare.
+    """
+    low, high = 0.7 * threshold, 1.2 * threshold
+    heat = colorize(anomaly_map, low=low, high=high).resize(image.size, Image.Resampling.BILINEAR)
+    levels = np.clip((np.asarray(anomaly_map, dtype=np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
+    mask = Image.fromarray((levels * alpha * 255).round().astype(np.uint8), mode="L")
+    return Image.composite(heat, image.convert("RGB"), mask.resize(image.size, Image.Resampling.BILINEAR))
 
 
-def overlay_png(image: Image.Image, anomaly_map: np.ndarray, *, threshold: float, alpha: float = 0.5) -> bytes:
+def overlay_png(image: Image.Image, anomaly_map: np.ndarray, *, threshold: float, alpha: float = 0.6) -> bytes:
     buffer = io.BytesIO()
     overlay(image, anomaly_map, threshold=threshold, alpha=alpha).save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
