@@ -138,7 +138,7 @@ def main() -> None:
         env |= {f"WAFERWATCH_{k.upper()}": v for k, v in values.items()}
         log = (workdir / "worker.log").open("wb")
         worker = subprocess.Popen(
-            [*_WORKER_COMMAND, "-P", "solo", "-Q", "score", "--without-gossip", "--without-mingle", "-l", "WARNING"],
+            [*_WORKER_COMMAND, "-P", "solo", "-Q", "score", "--without-gossip", "--without-mingle", "-l", "INFO"],
             env=env,
             cwd=workdir,
             stdout=log,
