@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +29,9 @@ from worker.events import DEFAULT_IMAGE_SUFFIXES
 from worker.ingest import Enqueue, Prefixes
 from worker.schema import Image, utcnow
 from worker.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 __all__ = ["ReconcileReport", "reconcile"]
 
@@ -134,3 +137,19 @@ def _claim_stale(
             ).scalars()
             claimed.extend(rows)
     return sorted(claimed)
+
+
+def reconcile_with_settings(
+    settings: Settings, *, session_factory: sessionmaker[Session], store: ObjectStore, enqueue: Enqueue
+) -> ReconcileReport:
+    """:func:`reconcile` with the prefixes, key metadata, staleness and batch size of ``settings`` (what the
+    ``waferwatch reconcile`` command and the periodic task both run)."""
+    return reconcile(
+        session_factory=session_factory,
+        store=store,
+        enqueue=enqueue,
+        key_metadata=settings.key_metadata,
+        prefixes=Prefixes(settings.incoming_prefix, settings.nominal_prefix),
+        stale_after_s=settings.reconcile_stale_after_s,
+        batch_size=settings.batch_size,
+    )

@@ -2,7 +2,7 @@
 
 ``waferwatch.score_batch`` (queue ``score``) scores a micro-batch of image ids with
 :func:`worker.scoring.score_batch`; ``waferwatch.reconcile`` (queue ``ingest``) runs
-:func:`worker.reconcile.reconcile`. Transient errors (storage, database, no model yet) are retried with
+:func:`worker.reconcile.reconcile_with_settings`. Transient errors (storage, database, no model yet) are retried with
 exponential backoff and full jitter up to ``task_max_attempts`` attempts; when the last attempt fails, the
 images of the batch still ``queued`` are dead-lettered in ``failures``. Permanent errors never reach this
 layer as exceptions: scoring records them per image and the message is acknowledged.
@@ -19,8 +19,7 @@ from celery import Celery, Task
 
 from worker.app import RECONCILE, SCORE_BATCH, context_of, make_enqueue
 from worker.errors import TransientError
-from worker.ingest import Prefixes
-from worker.reconcile import reconcile
+from worker.reconcile import reconcile_with_settings
 from worker.scoring import record_gave_up, score_batch
 from worker.settings import Settings
 
@@ -58,12 +57,9 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(bind=True, name=RECONCILE, shared=False, **retry_policy)
     def reconcile_task(self: Task) -> None:
         context = context_of(self.app)
-        reconcile(
+        reconcile_with_settings(
+            context.settings,
             session_factory=context.session_factory,
             store=context.store,
             enqueue=make_enqueue(self.app),
-            key_metadata=context.settings.key_metadata,
-            prefixes=Prefixes(context.settings.incoming_prefix, context.settings.nominal_prefix),
-            stale_after_s=context.settings.reconcile_stale_after_s,
-            batch_size=context.settings.batch_size,
         )

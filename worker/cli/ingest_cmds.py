@@ -84,18 +84,9 @@ def ingest(
 def _reconcile(
     settings: Settings, session_factory: sessionmaker[Session], store: ObjectStore, enqueue: Enqueue
 ) -> ReconcileReport:
-    from worker.ingest import Prefixes
-    from worker.reconcile import reconcile
+    from worker.reconcile import reconcile_with_settings
 
-    return reconcile(
-        session_factory=session_factory,
-        store=store,
-        enqueue=enqueue,
-        key_metadata=settings.key_metadata,
-        prefixes=Prefixes(settings.incoming_prefix, settings.nominal_prefix),
-        stale_after_s=settings.reconcile_stale_after_s,
-        batch_size=settings.batch_size,
-    )
+    return reconcile_with_settings(settings, session_factory=session_factory, store=store, enqueue=enqueue)
 
 
 @app.command("reconcile")
