@@ -62,8 +62,7 @@ def save_ensemble(ensemble: FoldEnsemble, directory: Path) -> Path:
     for fold in ensemble.folds:
         name = f"fold_{fold.index}.safetensors"
         path = directory / name
-        save_file({"bank": np.ascontiguousarray(fold.bank.vectors, dtype=np.float32)}, str(path))
-        files[name] = sha256_file(path)
+        files[name] = _write_bank(path, fold.bank)
         folds.append(
             {
                 "index": fold.index,
@@ -105,13 +104,13 @@ def save_fold(fold: Fold, directory: Path) -> list[Path]:
     separate tasks; :func:`load_fold` reads it back with its hash checked."""
     directory.mkdir(parents=True, exist_ok=True)
     bank_path = directory / f"fold_{fold.index}.safetensors"
-    save_file({"bank": np.ascontiguousarray(fold.bank.vectors, dtype=np.float32)}, str(bank_path))
+    bank_sha256 = _write_bank(bank_path, fold.bank)
     meta = {
         "index": fold.index,
         "threshold": fold.threshold,
         "train_ids": list(fold.train_ids),
         "validation_ids": list(fold.validation_ids),
-        "sha256": sha256_file(bank_path),
+        "sha256": bank_sha256,
     }
     meta_path = directory / f"fold_{fold.index}.json"
     _write_json_atomic(meta_path, meta)
@@ -206,6 +205,12 @@ def load_ensemble(directory: Path, *, device: str | torch.device | None = "auto"
     if not np.isclose(ensemble.threshold, manifest["threshold"], rtol=0, atol=0):
         raise ArtifactError(f"{directory}: fold thresholds do not aggregate to the recorded threshold")
     return ensemble
+
+
+def _write_bank(path: Path, bank: MemoryBank) -> str:
+    """One fold's bank as safetensors (key ``bank``, float32); returns the file's sha256."""
+    save_file({"bank": np.ascontiguousarray(bank.vectors, dtype=np.float32)}, str(path))
+    return sha256_file(path)
 
 
 def _environment() -> dict[str, Any]:

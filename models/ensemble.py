@@ -9,6 +9,7 @@ image is anomalous iff its score is strictly greater than the threshold.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -193,9 +194,10 @@ class FoldEnsemble:
 
         return load_ensemble(Path(directory), device=device)
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        """Content id: the same config, training images and banks always give the same version."""
+        """Content id: the same config, training images and banks always give the same version (computed once:
+        a fitted ensemble never changes)."""
         from models.artifacts import ensemble_version
 
         return ensemble_version(self)
