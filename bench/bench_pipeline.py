@@ -2,8 +2,16 @@
 
 Prints (not a test):
 
-* images/s through the whole pipeline for N images uploaded at once, at a batch size of 32, divided by
-  images/s of the model alone (``score_images`` on the same decoded images, batch 32), same machine;
+* images/s through the whole pipeline at a batch size of 32, divided by images/s of the model alone
+  (``score_images`` on the same decoded images, batch 32), same machine, twice:
+
+  - *backlog*: N images are uploaded while ingest is stopped (their notifications wait in SQS), then
+    ingest starts; timed from then to the last committed row. This is the pipeline's own rate: the
+    uploads (the inspection tool's work, and moto's notification fan-out) are not on the clock.
+  - *live*: N images are uploaded from this process while the pipeline runs, all on the same 2 cores.
+
+* where the cores went during each run (worker, this process = moto + ingest + uploader, PostgreSQL,
+  Redis, idle);
 * p50/p95 time from upload to committed inference row at a light load (one image every 2 s by default).
 
 Needs PostgreSQL (``WAFERWATCH_TEST_PG_ADMIN_URL``, default postgres@127.0.0.1:5432; a throw-away database is
@@ -14,6 +22,7 @@ created and dropped) and Redis on 127.0.0.1:6379 (database 14 is flushed). Start
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import socket
 import statistics
@@ -25,20 +34,24 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import boto3
 import psycopg
 import redis
+import torch
 from moto.server import ThreadedMotoServer
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import CpuLedger
 from bench.magnetic_tile import DATASETS
 from models import FoldEnsemble, PatchCoreConfig, decode_image
 from models.datasets import read_image_csv
 from worker.app import create_app, make_enqueue
+from worker.cli.pipeline_cmds import default_pool, threads_per_process
 from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
 from worker.ingest import build_source, make_ingestor, run_ingest
 from worker.model_provider import publish_model
@@ -49,7 +62,14 @@ from worker.storage import make_store
 PG_ADMIN_URL = os.environ.get("WAFERWATCH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 BROKER_URL = "redis://127.0.0.1:6379/14"
 BUCKET = "bench"
-_WORKER_COMMAND = (sys.executable, "-m", "celery", "-A", "worker.app", "worker")
+_WORKER_COMMAND = (
+    str(Path(sys.executable).with_name("waferwatch")),
+    "worker",
+    "--queues",
+    "score",
+    "--loglevel",
+    "INFO",
+)
 
 
 def _free_port() -> int:
@@ -71,6 +91,47 @@ def _wait_rows(session_factory, prefix: str, expected: int, timeout_s: float) ->
     raise TimeoutError(f"{prefix}: only {done} of {expected} images done after {timeout_s} s")
 
 
+def _tree_rss_mib(pid: int) -> list[float]:
+    """Resident memory (MiB) of a process and its children: the worker parent, then each scoring child."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [process.memory_info().rss / 2**20 for process in (root, *root.children(recursive=True))]
+
+
+def _score_share(model_dir: str, payloads: list[bytes], threads: int, start: Any, done: Any) -> None:
+    """One model-alone process: decode its share, load the model, wait for the others, score in batches of 32."""
+    from models.threads import set_cpu_threads
+
+    set_cpu_threads(threads)
+    ensemble = FoldEnsemble.load(model_dir, device="cpu")
+    images = [decode_image(p) for p in payloads]
+    ensemble.score_images(images[:2])  # warm-up
+    start.wait()
+    for chunk in range(0, len(images), 32):
+        ensemble.score_images(images[chunk : chunk + 32], with_maps=True)
+    done.put(time.perf_counter())
+
+
+def _model_alone_processes(model_dir: Path, payloads: list[bytes], processes: int, threads: int) -> float:
+    """Wall seconds for ``processes`` model-only processes of ``threads`` threads to score ``payloads`` (split
+    evenly): the model's throughput in the worker's own layout of processes and threads."""
+    context = multiprocessing.get_context("spawn")
+    start, done = context.Barrier(processes + 1), context.Queue()
+    shares = [payloads[index::processes] for index in range(processes)]
+    children = [
+        context.Process(target=_score_share, args=(str(model_dir), share, threads, start, done)) for share in shares
+    ]
+    for child in children:
+        child.start()
+    start.wait()
+    begin = time.perf_counter()
+    finished = max(done.get(timeout=600) for _ in children)
+    for child in children:
+        child.join()
+    return finished - begin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=128)
@@ -79,6 +140,12 @@ def main() -> None:
     parser.add_argument(
         "--latency-interval", type=float, default=2.0, help="seconds between uploads at light load (below capacity)"
     )
+    parser.add_argument(
+        "--worker-concurrency", type=int, default=None, help="worker processes (default: the product's)"
+    )
+    parser.add_argument("--worker-threads", type=int, default=None, help="OMP_NUM_THREADS of each worker process")
+    parser.add_argument("--backbone", default=PatchCoreConfig().backbone)
+    parser.add_argument("--weights", default=None, help="'random' to time torchvision backbones offline")
     parser.add_argument("--coreset-ratio", type=float, default=PatchCoreConfig().coreset_ratio)
     args = parser.parse_args()
     data = DATASETS / "dacon-semiconductor"
@@ -89,7 +156,7 @@ def main() -> None:
     os.environ.update({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"})
 
     print(f"training the benchmark model on {len(train)} images …", flush=True)
-    config = PatchCoreConfig(coreset_ratio=args.coreset_ratio)
+    config = PatchCoreConfig(backbone=args.backbone, weights_path=args.weights, coreset_ratio=args.coreset_ratio)
     ensemble = FoldEnsemble.fit([r.id for r in train], [r.path for r in train], config, device="cpu")
     model_dir = ensemble.save(workdir / "model")
     ensemble = FoldEnsemble.load(model_dir, device="cpu")  # what the worker will load (hashes verified)
@@ -115,7 +182,15 @@ def main() -> None:
         s3.create_bucket(Bucket=BUCKET)
         s3.put_bucket_notification_configuration(
             Bucket=BUCKET,
-            NotificationConfiguration={"QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]},
+            NotificationConfiguration={
+                "QueueConfigurations": [
+                    {  # as deployed (docs/deploy.md): heatmap and model writes raise no events
+                        "QueueArn": arn,
+                        "Events": ["s3:ObjectCreated:*"],
+                        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "incoming/"}]}},
+                    }
+                ]
+            },
         )
         values = {
             "database_url": url,
@@ -136,39 +211,67 @@ def main() -> None:
         publish_model(store, session_factory, model_dir, model_prefix="models/")
         env = {k: v for k, v in os.environ.items() if not k.startswith("WAFERWATCH_")}
         env |= {f"WAFERWATCH_{k.upper()}": v for k, v in values.items()}
+        command = list(_WORKER_COMMAND)
+        if args.worker_concurrency:
+            command += ["--concurrency", str(args.worker_concurrency)]
+        if args.worker_threads:
+            env["OMP_NUM_THREADS"] = str(args.worker_threads)
         log = (workdir / "worker.log").open("wb")
         worker = subprocess.Popen(
-            [*_WORKER_COMMAND, "-P", "solo", "-Q", "score", "--without-gossip", "--without-mingle", "-l", "INFO"],
+            command,  # the product's default pool for the device unless overridden
             env=env,
             cwd=workdir,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        ingestor = make_ingestor(
-            settings, session_factory=session_factory, enqueue=make_enqueue(create_app(settings)), bucket=BUCKET
-        )
-        source = build_source("sqs", settings, ingestor, bucket=BUCKET, sqs_wait_time_s=1)
-        stop = threading.Event()
-        ingest = threading.Thread(target=run_ingest, args=(source, ingestor, stop), daemon=True)
-        ingest.start()
+        enqueue = make_enqueue(create_app(settings))
 
+        def start_ingest() -> tuple[threading.Event, threading.Thread]:
+            ingestor = make_ingestor(settings, session_factory=session_factory, enqueue=enqueue, bucket=BUCKET)
+            source = build_source("sqs", settings, ingestor, bucket=BUCKET, sqs_wait_time_s=1)
+            stop = threading.Event()
+            thread = threading.Thread(target=run_ingest, args=(source, ingestor, stop), daemon=True)
+            thread.start()
+            return stop, thread
+
+        stop, ingest = start_ingest()
         s3.put_object(Bucket=BUCKET, Key="incoming/warmup/0.png", Body=payloads[-1])
         _wait_rows(session_factory, "incoming/warmup/", 1, 180)  # worker started, model loaded
 
         n = min(args.images, len(payloads) - 1)
+        ledger = CpuLedger(worker.pid)
         started = time.perf_counter()
         for index in range(n):
-            s3.put_object(Bucket=BUCKET, Key=f"incoming/tput/{index:04d}.png", Body=payloads[index])
-        _wait_rows(session_factory, "incoming/tput/", n, 600)
-        pipeline_s = time.perf_counter() - started
+            s3.put_object(Bucket=BUCKET, Key=f"incoming/live/{index:04d}.png", Body=payloads[index])
+        _wait_rows(session_factory, "incoming/live/", n, 600)
+        live_s = time.perf_counter() - started
+        live_cpu = ledger.report()
+
+        stop.set()
+        ingest.join(timeout=15)
+        for index in range(n):
+            s3.put_object(Bucket=BUCKET, Key=f"incoming/backlog/{index:04d}.png", Body=payloads[index])
+        ledger = CpuLedger(worker.pid)
+        started = time.perf_counter()
+        stop, ingest = start_ingest()
+        _wait_rows(session_factory, "incoming/backlog/", n, 600)
+        backlog_s = time.perf_counter() - started
+        backlog_cpu = ledger.report()
+        worker_rss = _tree_rss_mib(worker.pid)
 
         images = [decode_image(p) for p in payloads[:n]]
-        timings = {}
-        for with_maps in (True, False):
-            begin = time.perf_counter()
-            for chunk in range(0, n, 32):
-                ensemble.score_images(images[chunk : chunk + 32], with_maps=with_maps)
-            timings[with_maps] = time.perf_counter() - begin
+        timings: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(3):  # the median of three passes: these machines are noisy
+            for with_maps in (True, False):
+                begin = time.perf_counter()
+                for chunk in range(0, n, 32):
+                    ensemble.score_images(images[chunk : chunk + 32], with_maps=with_maps)
+                timings[with_maps].append(time.perf_counter() - begin)
+        processes = args.worker_concurrency or default_pool("cpu", "score")[1]
+        threads = args.worker_threads or threads_per_process("prefork", processes) or torch.get_num_threads()
+        split_s = statistics.median(
+            _model_alone_processes(model_dir, payloads[:n], processes, threads) for _ in range(3)
+        )
 
         uploaded: dict[str, datetime] = {}
         for index in range(args.latency_images):
@@ -189,13 +292,21 @@ def main() -> None:
         stop.set()
         ingest.join(timeout=15)
 
-        pipeline_rate = n / pipeline_s
-        with_maps_rate, plain_rate = n / timings[True], n / timings[False]
-        print(f"\npipeline: {n} images in {pipeline_s:.1f} s = {pipeline_rate:.2f} images/s (batch 32, 2 CPU cores)")
-        print(f"model alone, score_images batch 32 with maps: {with_maps_rate:.2f} images/s")
-        print(f"model alone, score_images batch 32 no maps:   {plain_rate:.2f} images/s")
-        print(f"ratio pipeline / model (with maps): {pipeline_rate / with_maps_rate:.3f}")
-        print(f"ratio pipeline / model (no maps):   {pipeline_rate / plain_rate:.3f}")
+        with_maps_rate = n / statistics.median(timings[True])
+        plain_rate = n / statistics.median(timings[False])
+        split_rate = n / split_s
+        model_rate = max(with_maps_rate, split_rate)
+        print(f"\nmodel alone, one process, batch 32, with maps: {with_maps_rate:.2f} images/s")
+        print(f"model alone, one process, batch 32, no maps:   {plain_rate:.2f} images/s")
+        print(
+            f"model alone, {processes} processes × {threads} thread(s) (the worker's layout): {split_rate:.2f} images/s"
+        )
+        for name, seconds, cpu in (("backlog", backlog_s, backlog_cpu), ("live", live_s, live_cpu)):
+            rate = n / seconds
+            print(f"pipeline, {name}: {n} images in {seconds:.1f} s = {rate:.2f} images/s (batch 32)")
+            print(f"  ratio pipeline / best model alone (with maps): {rate / model_rate:.3f}")
+            print(f"  {cpu}")
+        print("worker resident memory (parent, then children): " + ", ".join(f"{m:.0f} MiB" for m in worker_rss))
         p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) >= 2 else latencies[0]
         print(
             f"upload → committed row at 1 image / {args.latency_interval:g} s ({len(latencies)} images): "

@@ -50,3 +50,58 @@ def cached_dacon_model(config: PatchCoreConfig, *, device: str = "auto") -> Fold
     ensemble = FoldEnsemble.fit([r.id for r in refs], [r.path for r in refs], config, device=device)
     ensemble.save(directory)
     return ensemble
+
+
+class CpuLedger:
+    """CPU seconds spent by groups of processes between two snapshots (where the cores went).
+
+    Groups: ``worker`` (the process tree of ``worker_pid``), ``bench`` (this process: in the pipeline
+    benchmark it hosts the moto server, the ingest thread and the uploader), ``postgres`` and ``redis`` (by
+    process name), and ``idle`` (system-wide idle time, in core-seconds).
+    """
+
+    def __init__(self, worker_pid: int) -> None:
+        self.worker_pid = worker_pid
+        self._start = self._snapshot()
+        self._wall = time.perf_counter()
+
+    def _snapshot(self) -> dict[str, float]:
+        import os
+
+        import psutil
+
+        groups = {"worker": 0.0, "bench": 0.0, "postgres": 0.0, "redis": 0.0, "idle": psutil.cpu_times().idle}
+        worker_tree: set[int] = set()
+        try:
+            root = psutil.Process(self.worker_pid)
+            worker_tree = {root.pid, *(child.pid for child in root.children(recursive=True))}
+        except psutil.NoSuchProcess:
+            pass
+        for process in psutil.process_iter(["pid", "name", "cpu_times"]):
+            times = process.info["cpu_times"]
+            if times is None:
+                continue
+            spent = times.user + times.system
+            name = process.info["name"] or ""
+            if process.info["pid"] in worker_tree:
+                groups["worker"] += spent
+            elif process.info["pid"] == os.getpid():
+                groups["bench"] += spent
+            elif name.startswith("postgres"):
+                groups["postgres"] += spent
+            elif name.startswith("redis"):
+                groups["redis"] += spent
+        return groups
+
+    def report(self) -> str:
+        """``group s (share of the cores)`` since construction, one line."""
+        end = self._snapshot()
+        wall = time.perf_counter() - self._wall
+        import os
+
+        cores = os.cpu_count() or 1
+        parts = []
+        for group, begin in self._start.items():
+            spent = end[group] - begin
+            parts.append(f"{group} {spent:.1f} s ({100 * spent / (wall * cores):.0f}%)")
+        return f"CPU over {wall:.1f} s × {cores} cores: " + ", ".join(parts)

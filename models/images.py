@@ -95,6 +95,17 @@ def to_tensor(
     return to_batch([image], image_size=image_size, mean=mean, std=std)[0]
 
 
+def resize_for_model(image: Image.Image, image_size: int) -> Image.Image:
+    """The image at the model's input size (bilinear), exactly as :func:`to_batch` resizes it.
+
+    Callers that resize ahead of time (the worker does it on its fetch threads, and reuses the result for the
+    heatmap) get the same scores: an image already at the size passes through untouched.
+    """
+    if image.size == (image_size, image_size):
+        return image
+    return image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+
+
 def to_batch(
     images: Sequence[Image.Image],
     *,
@@ -105,7 +116,7 @@ def to_batch(
     """Resize and normalise a batch: (n_images, 3, S, S) float32, normalised in one vectorised step."""
     if not images:
         return torch.empty(0, 3, image_size, image_size)
-    pixels = np.stack([np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR)) for img in images])
+    pixels = np.stack([np.asarray(resize_for_model(img, image_size)) for img in images])
     batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, 3, 1, 1)

@@ -234,14 +234,20 @@ def _on_worker_process_init(**_: Any) -> None:
     if context is None:
         return
     context.after_fork()
-    metrics.start_metrics_server(context.settings.metrics_port)
+    if context.settings.cpu_threads:
+        from models.threads import set_cpu_threads
+
+        set_cpu_threads(context.settings.cpu_threads)
+    if not metrics.multiprocess_mode():  # else the parent serves every child's samples
+        metrics.start_metrics_server(context.settings.metrics_port)
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Main worker process: with a solo or threads pool it is the scoring process, so it exports metrics."""
+    """Main worker process: it exports metrics with a solo or threads pool (it is the scoring process) and in
+    multiprocess mode (it serves the sum over its prefork children)."""
     context = _current_context()
     pool = str(getattr(sender, "pool_cls", "")).lower()
-    if context is not None and ("solo" in pool or "thread" in pool):
+    if context is not None and ("solo" in pool or "thread" in pool or metrics.multiprocess_mode()):
         metrics.start_metrics_server(context.settings.metrics_port)
 
 

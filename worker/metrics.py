@@ -2,17 +2,21 @@
 
 Metric objects are module-level, as prometheus-client intends (they register once per process and cost
 nothing until observed); no server is started at import. :func:`start_metrics_server` is called by the
-``worker`` and ``ingest`` entry points when ``metrics_port`` is set. Under a prefork pool the server runs
-in the child that scores (started from ``worker_process_init``), so what it exports is that child's work.
+``worker`` and ``ingest`` entry points when ``metrics_port`` is set. Under a prefork pool with one child
+the server runs in the child that scores (started from ``worker_process_init``). With several children,
+``waferwatch worker`` turns on prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``): each
+child writes its samples to files there and the parent serves their sum (:func:`multiprocess_mode`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = [
     "ACTIVE_MODEL",
@@ -24,6 +28,7 @@ __all__ = [
     "QUEUE_DEPTH",
     "STAGE_SECONDS",
     "TASKS_ENQUEUED",
+    "multiprocess_mode",
     "observe_stage",
     "start_metrics_server",
 ]
@@ -45,8 +50,13 @@ STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )
+ACTIVE_MODEL = Gauge(
+    "waferwatch_active_model_info",
+    "1 for the model version a scoring process scores with (the highest over processes), 0 once replaced",
+    ["version"],
+    multiprocess_mode="max",
+)
 QUEUE_DEPTH = Gauge("waferwatch_queue_depth", "Messages waiting in a Celery queue", ["queue"])
-ACTIVE_MODEL = Info("waferwatch_active_model", "The model version this process scores with")
 EVENTS_REGISTERED = Counter(
     "waferwatch_events_registered", "Object events registered by ingest, by kind and outcome", ["kind", "outcome"]
 )
@@ -63,10 +73,16 @@ def observe_stage(stage: str, seconds: float) -> None:
     STAGE_SECONDS.labels(stage=stage).observe(max(seconds, 0.0))
 
 
+def multiprocess_mode() -> bool:
+    """Whether samples go to ``PROMETHEUS_MULTIPROC_DIR`` files (several scoring processes, one endpoint)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 def start_metrics_server(port: int, *, host: str = "0.0.0.0") -> bool:
     """Serve ``/metrics`` on ``port`` in a daemon thread, once per process; False when ``port`` is 0.
 
-    A second call in the same process is a no-op, so entry points can call it unconditionally.
+    A second call in the same process is a no-op, so entry points can call it unconditionally. In
+    multiprocess mode the endpoint serves the sum over every process that writes to the directory.
     """
     global _server_port
     if port <= 0:
@@ -74,7 +90,12 @@ def start_metrics_server(port: int, *, host: str = "0.0.0.0") -> bool:
     with _server_lock:
         if _server_port is not None:
             return True
-        start_http_server(port, addr=host)
+        if multiprocess_mode():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            start_http_server(port, addr=host, registry=registry)
+        else:
+            start_http_server(port, addr=host)
         _server_port = port
     logger.info("Prometheus metrics on http://%s:%d/metrics", host, port)
     return True

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import FoldEnsemble
 from models.artifacts import MANIFEST, read_manifest
-from worker import repository
+from worker import metrics, repository
 from worker.db import session_scope
 from worker.errors import TransientError
 from worker.schema import ModelVersion
@@ -126,6 +126,7 @@ class ModelProvider:
             self._checked_at = now
             if self._loaded is None:
                 self._loaded = self._load_now(wanted)
+                _export_active(None, wanted.version)
                 logger.info("model %s loaded from %s", wanted.version, wanted.artifact_uri)
                 return self._loaded
             if self._loaded.version == wanted.version:
@@ -150,6 +151,7 @@ class ModelProvider:
             with self._lock:
                 previous = self._loaded.version if self._loaded else None
                 self._loaded = loaded
+            _export_active(previous, ref.version)
             logger.info("model %s loaded (was %s) from %s", ref.version, previous, ref.artifact_uri)
 
         thread = threading.Thread(target=load, name=f"model-reload-{ref.version}", daemon=True)
@@ -201,6 +203,13 @@ class ModelProvider:
         if (target / MANIFEST).is_file():
             return target
         return _download(self._store, prefix, target)
+
+
+def _export_active(previous: str | None, version: str) -> None:
+    """The ``waferwatch_active_model_info`` gauge: 1 for the version now scored with, 0 for the one replaced."""
+    if previous is not None and previous != version:
+        metrics.ACTIVE_MODEL.labels(version=previous).set(0)
+    metrics.ACTIVE_MODEL.labels(version=version).set(1)
 
 
 def _local_path(uri: str) -> Path | None:

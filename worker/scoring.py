@@ -1,15 +1,18 @@
 """Scoring one micro-batch of images: fetch → decode → score → heatmap → persist, without Celery.
 
 :func:`score_batch` is what the ``waferwatch.score_batch`` task runs; tests call it directly. It takes
-image ids (rows the event source committed), and for each one that still needs a score by the model
-version of this batch:
+image ids (rows the event source committed) and scores those that still need a score by the model version
+of this batch. The stages overlap, so the model is rarely kept waiting:
 
-* fetches the bytes (size limit ``max_object_bytes``) and decodes them (pixel limit ``max_image_pixels``)
-  on a small thread pool, so downloads overlap each other;
-* scores every decoded image in one call (one backbone pass per ``batch_size`` chunk, shared by all folds);
-* writes the heatmap PNG to ``<heatmap_prefix><version>/<key without incoming prefix>.<image id>.png``
-  *before* committing, then writes the inference, the status and the content hash in one transaction
-  per image, so a row never points at a heatmap that does not exist.
+* every fetch (size limit ``max_object_bytes``) and decode (pixel limit ``max_image_pixels``) is queued on
+  a thread pool at once, and runs ahead of the model (downloads wait on the network, PNG decoding
+  releases the GIL);
+* the model scores the images in chunks of ``model_chunk`` (8 on a CPU, the whole batch on a GPU), each
+  as soon as its images are decoded; one backbone pass serves every fold;
+* each scored image's heatmap PNG is encoded and written, on the same pool, to
+  ``<heatmap_prefix><version>/<key without incoming prefix>.<image id>.png`` while the next chunk is scored;
+* once every heatmap is written, all inferences, statuses and content hashes of the batch are written in
+  one transaction (all writes of an image are in it), so a row never points at a missing heatmap.
 
 Outcomes per image: a missing object is ``skipped`` (it was deleted; nothing to retry); an empty,
 oversized, corrupt or non-image object gets a ``failures`` row and status ``failed``; neither is retried,
@@ -26,7 +29,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,8 +38,9 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import BadImageError, decode_image
+from models import BadImageError, ImageScore, decode_image
 from models.heatmap import overlay
+from models.images import resize_for_model
 from worker import metrics, repository
 from worker.db import session_scope
 from worker.errors import BadObjectError, ObjectMissingError, PermanentError, TransientError
@@ -62,6 +66,7 @@ class ScoringOptions:
     max_image_pixels: int = 64_000_000
     fetch_threads: int = 8
     write_heatmaps: bool = True
+    model_chunk: int | None = None  # images per model call; None: 8 on a CPU, the whole batch on a GPU
 
 
 @dataclass
@@ -95,6 +100,7 @@ class _Fetched:
     sha256: str
     download_s: float
     decode_s: float
+    model_s: float = 0.0
 
 
 def heatmap_key(options: ScoringOptions, *, model_version: str, image_key: str, image_id: int) -> str:
@@ -140,26 +146,64 @@ def score_batch(
     work = _pending(session_factory, list(dict.fromkeys(image_ids)), loaded.version, result)
     metrics.BATCH_SIZE.observe(len(work))
     transient: list[TransientError] = []
-    fetched: list[_Fetched] = []
-    threads = max(1, min(options.fetch_threads, len(work)))
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch") as pool:
-        outcomes = list(pool.map(lambda item: _fetch_and_decode(item, store, options), work))
-        for item, outcome in zip(work, outcomes, strict=True):
-            if isinstance(outcome, _Fetched):
-                fetched.append(outcome)
-            elif isinstance(outcome, TransientError):
-                transient.append(outcome)
-                result.retry.append(item.image_id)
-            else:
-                _record_permanent(session_factory, item, outcome, result)
-        result.seconds["fetch"] = time.perf_counter() - started
-        if fetched:
-            _score_and_persist(fetched, pool, session_factory, store, loaded, options, result, transient)
+    if work:
+        chunk = options.model_chunk or _default_model_chunk(loaded, len(work))
+        threads = max(1, min(options.fetch_threads, len(work)))
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch") as pool:
+            size = loaded.ensemble.config.image_size
+            fetches = [pool.submit(_fetch_and_decode, item, store, options, size) for item in work]
+            uploads: list[tuple[_Fetched, ImageScore, Future[str | TransientError | None]]] = []
+            for begin in range(0, len(work), chunk):
+                ready = _collect(work[begin : begin + chunk], fetches[begin : begin + chunk], session_factory, result)
+                transient.extend(error for error in ready if isinstance(error, TransientError))
+                fetched = [item for item in ready if isinstance(item, _Fetched)]
+                if fetched:
+                    scores = _score(fetched, loaded, options, result)
+                    uploads.extend(
+                        (item, score, pool.submit(_write_heatmap, item, score, loaded.version, store, options))
+                        for item, score in zip(fetched, scores, strict=True)
+                    )
+            waited = time.perf_counter()
+            finished = [(item, score, future.result()) for item, score, future in uploads]
+            result.seconds["heatmap_wait"] = time.perf_counter() - waited
+        _persist(finished, session_factory, loaded.version, result, transient)
     result.seconds["total"] = time.perf_counter() - started
     logger.info("score_batch %s", json.dumps(result.as_dict(), sort_keys=True))
     if transient:
         raise transient[0]
     return result
+
+
+def _default_model_chunk(loaded: LoadedModel, batch: int) -> int:
+    """Images per model call: the whole batch on a GPU; 8 on a CPU, so the model starts as soon as the
+    first 8 images are decoded and their heatmaps are encoded while the next chunk is scored."""
+    return batch if loaded.ensemble.extractor.device.type == "cuda" else 8
+
+
+def _add_seconds(result: BatchResult, stage: str, seconds: float) -> None:
+    result.seconds[stage] = result.seconds.get(stage, 0.0) + seconds
+
+
+def _collect(
+    work: Sequence[_Work],
+    fetches: Sequence[Future[_Fetched | Exception]],
+    session_factory: sessionmaker[Session],
+    result: BatchResult,
+) -> list[_Fetched | TransientError]:
+    """Wait for the fetches of one chunk (in order); record permanent failures, return the rest."""
+    waited = time.perf_counter()
+    outcomes = [future.result() for future in fetches]
+    _add_seconds(result, "fetch_wait", time.perf_counter() - waited)
+    ready: list[_Fetched | TransientError] = []
+    for item, outcome in zip(work, outcomes, strict=True):
+        if isinstance(outcome, _Fetched):
+            ready.append(outcome)
+        elif isinstance(outcome, TransientError):
+            ready.append(outcome)
+            result.retry.append(item.image_id)
+        else:
+            _record_permanent(session_factory, item, outcome, result)
+    return ready
 
 
 def _pending(
@@ -188,8 +232,12 @@ def _pending(
     return work
 
 
-def _fetch_and_decode(item: _Work, store: ObjectStore, options: ScoringOptions) -> _Fetched | Exception:
-    """Fetch and decode one image; the error is returned (not raised) so the batch goes on."""
+def _fetch_and_decode(
+    item: _Work, store: ObjectStore, options: ScoringOptions, image_size: int
+) -> _Fetched | Exception:
+    """Fetch, decode and resize one image to the model's input size; the error is returned (not raised) so
+    the batch goes on. Resizing here takes it off the model's thread, frees the full-size pixels early, and
+    the heatmap reuses the result (it is drawn at the anomaly map's size, which is the input size)."""
     try:
         if item.bucket != store.bucket:
             raise BadObjectError(
@@ -199,6 +247,7 @@ def _fetch_and_decode(item: _Work, store: ObjectStore, options: ScoringOptions) 
         stored = store.get(item.key, max_bytes=options.max_object_bytes)
         downloaded = time.perf_counter()
         image = decode_image(stored.data, name=item.key, max_pixels=options.max_image_pixels)
+        image = resize_for_model(image, image_size)
         decoded = time.perf_counter()
     except (PermanentError, TransientError, BadImageError) as exc:
         return exc
@@ -224,16 +273,9 @@ def _record_permanent(
     logger.warning("image %s (%s) not scored: %s", item.image_id, item.key, error)
 
 
-def _score_and_persist(
-    fetched: list[_Fetched],
-    pool: ThreadPoolExecutor,
-    session_factory: sessionmaker[Session],
-    store: ObjectStore,
-    loaded: LoadedModel,
-    options: ScoringOptions,
-    result: BatchResult,
-    transient: list[TransientError],
-) -> None:
+def _score(
+    fetched: list[_Fetched], loaded: LoadedModel, options: ScoringOptions, result: BatchResult
+) -> list[ImageScore]:
     begin = time.perf_counter()
     scores = loaded.ensemble.score_images(
         [item.image for item in fetched],
@@ -241,59 +283,79 @@ def _score_and_persist(
         with_maps=options.write_heatmaps,
     )
     model_s = time.perf_counter() - begin
-    result.seconds["model"] = model_s
-    per_image_model_s = model_s / len(fetched)
-    for _ in fetched:
-        metrics.observe_stage("model", per_image_model_s)
+    _add_seconds(result, "model", model_s)
+    for item in fetched:
+        item.model_s = model_s / len(fetched)
+        metrics.observe_stage("model", item.model_s)
+    return scores
 
-    def write_heatmap(pair: tuple[_Fetched, Any]) -> str | TransientError | None:
-        item, score = pair
-        if not options.write_heatmaps or score.anomaly_map is None:
-            return None
-        started = time.perf_counter()
-        key = heatmap_key(options, model_version=loaded.version, image_key=item.work.key, image_id=item.work.image_id)
-        png = heatmap_png(item.image, np.asarray(score.anomaly_map), threshold=score.threshold)
-        try:
-            store.put(key, png, content_type="image/png")
-        except TransientError as exc:
-            return exc
-        metrics.observe_stage("heatmap", time.perf_counter() - started)
-        return key
 
+def _write_heatmap(
+    item: _Fetched, score: ImageScore, version: str, store: ObjectStore, options: ScoringOptions
+) -> str | TransientError | None:
+    """Encode and upload one overlay (on the thread pool: PNG encoding releases the GIL)."""
+    if not options.write_heatmaps or score.anomaly_map is None:
+        return None
+    started = time.perf_counter()
+    key = heatmap_key(options, model_version=version, image_key=item.work.key, image_id=item.work.image_id)
+    png = heatmap_png(item.image, np.asarray(score.anomaly_map), threshold=score.threshold)
+    try:
+        store.put(key, png, content_type="image/png")
+    except TransientError as exc:
+        return exc
+    metrics.observe_stage("heatmap", time.perf_counter() - started)
+    return key
+
+
+def _persist(
+    finished: list[tuple[_Fetched, ImageScore, str | TransientError | None]],
+    session_factory: sessionmaker[Session],
+    version: str,
+    result: BatchResult,
+    transient: list[TransientError],
+) -> None:
+    """Every scored image of the batch in one transaction (one commit, not one per image)."""
     begin = time.perf_counter()
-    keys = list(pool.map(write_heatmap, zip(fetched, scores, strict=True)))
-    result.seconds["heatmap"] = time.perf_counter() - begin
-    begin = time.perf_counter()
-    for item, score, key in zip(fetched, scores, keys, strict=True):
+    rows = []
+    for item, score, key in finished:
         if isinstance(key, TransientError):
             transient.append(key)
             result.retry.append(item.work.image_id)
-            continue
-        written = time.perf_counter()
-        with session_scope(session_factory) as session:
-            repository.set_image_sha256(session, image_id=item.work.image_id, sha256=item.sha256)
-            created = repository.record_inference(
-                session,
-                image_id=item.work.image_id,
-                model_version=loaded.version,
-                score=score.score,
-                threshold=score.threshold,
-                is_anomalous=score.is_anomalous,
-                fold_scores=score.fold_scores,
-                heatmap_key=key,
-                timings={
-                    "download_ms": item.download_s * 1000.0,
-                    "decode_ms": item.decode_s * 1000.0,
-                    "model_ms": per_image_model_s * 1000.0,
-                },
-            )
-        metrics.observe_stage("write", time.perf_counter() - written)
-        if created:
+        else:
+            rows.append((item, score, key))
+    if not rows:
+        return
+    with session_scope(session_factory) as session:
+        created = [_record(session, item, score, key, version) for item, score, key in rows]
+    for (item, _, _), was_created in zip(rows, created, strict=True):
+        if was_created:
             result.scored.append(item.work.image_id)
-            metrics.IMAGES_SCORED.labels(model_version=loaded.version).inc()
+            metrics.IMAGES_SCORED.labels(model_version=version).inc()
         else:
             result.already_done.append(item.work.image_id)
-    result.seconds["write"] = time.perf_counter() - begin
+    written = time.perf_counter() - begin
+    result.seconds["write"] = written
+    for _ in rows:
+        metrics.observe_stage("write", written / len(rows))
+
+
+def _record(session: Session, item: _Fetched, score: ImageScore, key: str | None, version: str) -> bool:
+    repository.set_image_sha256(session, image_id=item.work.image_id, sha256=item.sha256)
+    return repository.record_inference(
+        session,
+        image_id=item.work.image_id,
+        model_version=version,
+        score=score.score,
+        threshold=score.threshold,
+        is_anomalous=score.is_anomalous,
+        fold_scores=score.fold_scores,
+        heatmap_key=key,
+        timings={
+            "download_ms": item.download_s * 1000.0,
+            "decode_ms": item.decode_s * 1000.0,
+            "model_ms": item.model_s * 1000.0,
+        },
+    )
 
 
 def record_gave_up(session_factory: sessionmaker[Session], image_ids: Sequence[int], error: BaseException) -> int:

@@ -174,6 +174,7 @@ class Settings(BaseSettings):
     max_object_bytes: int = Field(200 * 1024 * 1024, ge=1)
     model_cache_dir: Path = Path("var/model-cache")  # bucket artifacts (models/<version>/) are downloaded here
     model_check_interval_s: float = Field(0.0, ge=0)  # 0: look up the active version at every batch
+    cpu_threads: int | None = Field(None, ge=1, le=1024)  # torch/faiss threads per scoring process (None: all)
     fetch_threads: int = Field(8, ge=1, le=128)  # parallel downloads and heatmap uploads within one batch
 
     # --- task behaviour --------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+from models import PatchCoreConfig, decode_image
 from models.backbones import build_backbone
 from models.embedding import embed_patches
 from models.errors import BackboneWeightsMissingError, ConfigError
+from models.features import PatchFeatureExtractor, default_forward_chunk
 
 
 def test_lite0_taps_and_stops_after_the_deepest_layer():
@@ -66,3 +68,23 @@ def test_neighbourhood_averaging_is_local():
     assert embedded[4, 4] == pytest.approx(1.0)
     assert embedded[3, 3] == pytest.approx(1.0)
     assert embedded[2, 2] == 0.0
+
+
+@pytest.mark.parametrize("forward_chunk", [1, 3])
+def test_cpu_forward_chunks_give_the_same_embeddings(tile_split, forward_chunk):
+    """Splitting a batch into small backbone passes (the CPU default) is a speed setting only."""
+    images = [decode_image(ref.path.read_bytes()) for ref in tile_split.train[:7]]
+    config = PatchCoreConfig()
+    whole = PatchFeatureExtractor(config, device="cpu", forward_chunk=len(images))
+    chunked = PatchFeatureExtractor(config, device="cpu", forward_chunk=forward_chunk)
+    assert whole.forward_chunk == 7 and chunked.forward_chunk == forward_chunk
+    reference = whole.embed(images)
+    assert reference.shape[0] == 7
+    torch.testing.assert_close(chunked.embed(images), reference, rtol=0, atol=1e-6)
+
+
+def test_default_forward_chunk_is_small_on_cpu():
+    assert default_forward_chunk(torch.device("cpu")) == max(2, torch.get_num_threads())
+    assert default_forward_chunk(torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="forward_chunk"):
+        PatchFeatureExtractor(PatchCoreConfig(), device="cpu", forward_chunk=0)

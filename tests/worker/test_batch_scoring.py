@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import FoldEnsemble, PatchCoreConfig
+from models import FoldEnsemble, PatchCoreConfig, decode_image
 from models.errors import ArtifactError
 from worker import repository
 from worker.db import session_scope
@@ -90,6 +90,42 @@ def test_batch_scores_good_images_and_records_bad_ones_once(
     with session_scope(session_factory) as session:
         assert session.scalar(select(Failure.attempts).where(Failure.image_id == ids[3])) == 1
         assert len(session.scalars(select(Inference.id)).all()) == 3
+
+
+def test_chunked_scoring_joins_scores_to_their_images(
+    session_factory: sessionmaker[Session],
+    store: FolderStore,
+    pipeline_model_dir: Path,
+    dacon_test_images: list[Path],
+    tmp_path: Path,
+) -> None:
+    """Model chunks of 2 over a batch with a corrupt image in the middle: every score lands on its image."""
+    publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
+    paths = dacon_test_images[:5]
+    keys = [f"incoming/chunks/{path.name}" for path in paths]
+    for key, path in zip(keys, paths, strict=True):
+        store.put(key, path.read_bytes())
+    store.put("incoming/chunks/corrupt.png", b"\x89PNG\r\n\x1a\n truncated")
+    keys.insert(2, "incoming/chunks/corrupt.png")
+    ids = _register(session_factory, store, keys)
+    provider = _provider(session_factory, store, tmp_path)
+
+    result = score_batch(
+        ids, session_factory=session_factory, store=store, model=provider.current, options=ScoringOptions(model_chunk=2)
+    )
+
+    assert sorted(result.scored) == sorted(ids[:2] + ids[3:]) and result.failed == [ids[2]]
+    assert result.seconds["model"] > 0 and result.seconds["total"] >= result.seconds["model"]
+    expected = FoldEnsemble.load(pipeline_model_dir, device="cpu").score_images(
+        [decode_image(path.read_bytes()) for path in paths], [path.name for path in paths], with_maps=False
+    )
+    with session_scope(session_factory) as session:
+        stored = dict(
+            session.execute(select(Image.key, Inference.score).join(Inference, Inference.image_id == Image.id)).all()
+        )
+    assert len(stored) == 5
+    for score in expected:
+        assert stored[f"incoming/chunks/{score.id}"] == pytest.approx(score.score, rel=1e-6)
 
 
 def test_unreachable_storage_raises_transient_and_gave_up_dead_letters(

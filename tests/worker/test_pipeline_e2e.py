@@ -168,8 +168,9 @@ def pipeline(
     publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
     log = workdir / "worker.log"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("WAFERWATCH_")} | env
-    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-P", "solo", "-Q", "score,ingest"]
-    command += ["--without-gossip", "--without-mingle", "-l", "INFO"]
+    # The product's own command and pool defaults: on a CPU, prefork with one process per core (at most 4),
+    # so with 2+ cores this also covers metrics summed over several children.
+    command = [sys.executable, "-c", "from worker.cli import main; main()", "worker", "--queues", "score,ingest"]
     with log.open("wb") as handle:
         process = subprocess.Popen(command, env=child_env, cwd=workdir, stdout=handle, stderr=subprocess.STDOUT)
     try:
@@ -233,7 +234,7 @@ def _assert_worker_metrics(pipeline: Pipeline, *, at_least: int) -> None:
     stages = {k for k in samples if k.startswith("waferwatch_stage_seconds_count")}
     assert any('stage="model"' in k for k in stages) and any('stage="download"' in k for k in stages), stages
     assert any(k.startswith("waferwatch_batch_size_count") and v >= 1 for k, v in samples.items())
-    assert any(k.startswith("waferwatch_active_model_info") for k in samples)
+    assert any(k.startswith("waferwatch_active_model_info{") and v == 1 for k, v in samples.items()), text
 
 
 def test_duplicate_notification_adds_no_row(pipeline: Pipeline) -> None:
