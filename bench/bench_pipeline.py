@@ -16,12 +16,14 @@ Prints (not a test):
 
 Needs PostgreSQL (``WAFERWATCH_TEST_PG_ADMIN_URL``, default postgres@127.0.0.1:5432; a throw-away database is
 created and dropped) and Redis on 127.0.0.1:6379 (database 14 is flushed). Starts its own moto server and a
-``celery worker -P solo`` subprocess. Usage: ``python bench/bench_pipeline.py [--images 128] [--train 60]``.
+``waferwatch worker --queues score`` subprocess (the product's default pool for the device). Usage:
+``python bench/bench_pipeline.py [--images 300] [--train 60] [--worker-concurrency N --worker-threads T]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
 import socket
@@ -134,7 +136,9 @@ def _model_alone_processes(model_dir: Path, payloads: list[bytes], processes: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument(
+        "--images", type=int, default=300, help="images per run (the 100 Dacon test images, repeated under new keys)"
+    )
     parser.add_argument("--train", type=int, default=60, help="training images for the benchmark model")
     parser.add_argument("--latency-images", type=int, default=20)
     parser.add_argument(
@@ -162,6 +166,7 @@ def main() -> None:
     ensemble = FoldEnsemble.load(model_dir, device="cpu")  # what the worker will load (hashes verified)
 
     port = _free_port()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log would cost CPU per request
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -238,11 +243,12 @@ def main() -> None:
         s3.put_object(Bucket=BUCKET, Key="incoming/warmup/0.png", Body=payloads[-1])
         _wait_rows(session_factory, "incoming/warmup/", 1, 180)  # worker started, model loaded
 
-        n = min(args.images, len(payloads) - 1)
+        n = args.images
+        batch_payloads = [payloads[index % len(payloads)] for index in range(n)]
         ledger = CpuLedger(worker.pid)
         started = time.perf_counter()
         for index in range(n):
-            s3.put_object(Bucket=BUCKET, Key=f"incoming/live/{index:04d}.png", Body=payloads[index])
+            s3.put_object(Bucket=BUCKET, Key=f"incoming/live/{index:04d}.png", Body=batch_payloads[index])
         _wait_rows(session_factory, "incoming/live/", n, 600)
         live_s = time.perf_counter() - started
         live_cpu = ledger.report()
@@ -250,7 +256,7 @@ def main() -> None:
         stop.set()
         ingest.join(timeout=15)
         for index in range(n):
-            s3.put_object(Bucket=BUCKET, Key=f"incoming/backlog/{index:04d}.png", Body=payloads[index])
+            s3.put_object(Bucket=BUCKET, Key=f"incoming/backlog/{index:04d}.png", Body=batch_payloads[index])
         ledger = CpuLedger(worker.pid)
         started = time.perf_counter()
         stop, ingest = start_ingest()
@@ -259,7 +265,7 @@ def main() -> None:
         backlog_cpu = ledger.report()
         worker_rss = _tree_rss_mib(worker.pid)
 
-        images = [decode_image(p) for p in payloads[:n]]
+        images = [decode_image(p) for p in batch_payloads]
         timings: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(3):  # the median of three passes: these machines are noisy
             for with_maps in (True, False):
@@ -270,7 +276,7 @@ def main() -> None:
         processes = args.worker_concurrency or default_pool("cpu", "score")[1]
         threads = args.worker_threads or threads_per_process("prefork", processes) or torch.get_num_threads()
         split_s = statistics.median(
-            _model_alone_processes(model_dir, payloads[:n], processes, threads) for _ in range(3)
+            _model_alone_processes(model_dir, batch_payloads, processes, threads) for _ in range(3)
         )
 
         uploaded: dict[str, datetime] = {}

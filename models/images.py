@@ -7,8 +7,10 @@ pipeline can record it and move on instead of crashing a worker.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +118,13 @@ def to_batch(
     """Resize and normalise a batch: (n_images, 3, S, S) float32, normalised in one vectorised step."""
     if not images:
         return torch.empty(0, 3, image_size, image_size)
-    pixels = np.stack([np.asarray(resize_for_model(img, image_size)) for img in images])
+    if len(images) > 1 and any(img.size != (image_size, image_size) for img in images):
+        # Pillow releases the GIL while resizing, so a batch resizes on every core.
+        with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
+            resized = list(pool.map(lambda img: np.asarray(resize_for_model(img, image_size)), images))
+    else:
+        resized = [np.asarray(resize_for_model(img, image_size)) for img in images]
+    pixels = np.stack(resized)
     batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, 3, 1, 1)

@@ -126,6 +126,7 @@ class WorkerContext:
         return ScoringOptions(
             incoming_prefix=self.settings.incoming_prefix,
             heatmap_prefix=self.settings.heatmap_prefix,
+            heatmaps=self.settings.heatmaps,
             max_object_bytes=self.settings.max_object_bytes,
             max_image_pixels=self.settings.max_image_pixels,
             fetch_threads=self.settings.fetch_threads,

@@ -9,7 +9,8 @@ of this batch. The stages overlap, so the model is rarely kept waiting:
   releases the GIL);
 * the model scores the images in chunks of ``model_chunk`` (8 on a CPU, the whole batch on a GPU), each
   as soon as its images are decoded; one backbone pass serves every fold;
-* each scored image's heatmap PNG is encoded and written, on the same pool, to
+* each scored image's heatmap PNG (every image, only the anomalous ones, or none: ``heatmaps``) is encoded
+  and written, on the same pool, to
   ``<heatmap_prefix><version>/<key without incoming prefix>.<image id>.png`` while the next chunk is scored;
 * once every heatmap is written, all inferences, statuses and content hashes of the batch are written in
   one transaction (all writes of an image are in it), so a row never points at a missing heatmap.
@@ -65,7 +66,7 @@ class ScoringOptions:
     max_object_bytes: int = 200 * 1024 * 1024
     max_image_pixels: int = 64_000_000
     fetch_threads: int = 8
-    write_heatmaps: bool = True
+    heatmaps: str = "all"  # all | anomalous | none: which scored images get a heatmap PNG
     model_chunk: int | None = None  # images per model call; None: 8 on a CPU, the whole batch on a GPU
 
 
@@ -280,7 +281,7 @@ def _score(
     scores = loaded.ensemble.score_images(
         [item.image for item in fetched],
         [str(item.work.image_id) for item in fetched],
-        with_maps=options.write_heatmaps,
+        with_maps=options.heatmaps != "none",
     )
     model_s = time.perf_counter() - begin
     _add_seconds(result, "model", model_s)
@@ -294,7 +295,7 @@ def _write_heatmap(
     item: _Fetched, score: ImageScore, version: str, store: ObjectStore, options: ScoringOptions
 ) -> str | TransientError | None:
     """Encode and upload one overlay (on the thread pool: PNG encoding releases the GIL)."""
-    if not options.write_heatmaps or score.anomaly_map is None:
+    if score.anomaly_map is None or (options.heatmaps == "anomalous" and not score.is_anomalous):
         return None
     started = time.perf_counter()
     key = heatmap_key(options, model_version=version, image_key=item.work.key, image_id=item.work.image_id)

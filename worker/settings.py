@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     incoming_prefix: str = "incoming/"
     nominal_prefix: str = "nominal/"
     heatmap_prefix: str = "heatmaps/"
+    # Which scored images get a heatmap PNG: "anomalous" saves the encoding and upload (about a sixth of a CPU
+    # worker's time per image) and the storage for the nominal majority; reports show none for those.
+    heatmaps: Literal["all", "anomalous", "none"] = "all"
     model_prefix: str = "models/"
     key_metadata_regex: str = DEFAULT_KEY_METADATA_REGEX
 

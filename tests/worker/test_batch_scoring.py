@@ -128,6 +128,40 @@ def test_chunked_scoring_joins_scores_to_their_images(
         assert stored[f"incoming/chunks/{score.id}"] == pytest.approx(score.score, rel=1e-6)
 
 
+@pytest.mark.parametrize("heatmaps", ["anomalous", "none"])
+def test_heatmaps_only_for_anomalous_images_or_none(
+    heatmaps: str,
+    session_factory: sessionmaker[Session],
+    store: FolderStore,
+    pipeline_model_dir: Path,
+    dacon_test_images: list[Path],
+    tmp_path: Path,
+) -> None:
+    publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
+    keys = [f"incoming/h/{path.name}" for path in dacon_test_images[:12]]
+    for key, path in zip(keys, dacon_test_images, strict=False):
+        store.put(key, path.read_bytes())
+    ids = _register(session_factory, store, keys)
+    provider = _provider(session_factory, store, tmp_path)
+
+    score_batch(
+        ids,
+        session_factory=session_factory,
+        store=store,
+        model=provider.current,
+        options=ScoringOptions(heatmaps=heatmaps),
+    )
+
+    with session_scope(session_factory) as session:
+        rows = session.execute(select(Inference.is_anomalous, Inference.heatmap_key)).all()
+    assert len(rows) == 12
+    flagged = [key for anomalous, key in rows if anomalous]
+    if heatmaps == "anomalous":
+        assert 0 < len(flagged) < 12, "the test needs both kinds among the first 12 Dacon test images"
+        assert all(key and store.head(key).size > 0 for key in flagged)
+    assert all(key is None for anomalous, key in rows if heatmaps == "none" or not anomalous)
+
+
 def test_unreachable_storage_raises_transient_and_gave_up_dead_letters(
     session_factory: sessionmaker[Session], store: FolderStore, pipeline_model_dir: Path, closed_port_url: str
 ) -> None:
