@@ -101,12 +101,12 @@ def _tree_rss_mib(pid: int) -> list[float]:
     return [process.memory_info().rss / 2**20 for process in (root, *root.children(recursive=True))]
 
 
-def _score_share(model_dir: str, payloads: list[bytes], threads: int, start: Any, done: Any) -> None:
+def _score_share(model_dir: str, payloads: list[bytes], threads: int, device: str, start: Any, done: Any) -> None:
     """One model-alone process: decode its share, load the model, wait for the others, score in batches of 32."""
     from models.threads import set_cpu_threads
 
     set_cpu_threads(threads)
-    ensemble = FoldEnsemble.load(model_dir, device="cpu")
+    ensemble = FoldEnsemble.load(model_dir, device=device)
     images = [decode_image(p) for p in payloads]
     ensemble.score_images(images[:2])  # warm-up
     start.wait()
@@ -115,14 +115,15 @@ def _score_share(model_dir: str, payloads: list[bytes], threads: int, start: Any
     done.put(time.perf_counter())
 
 
-def _model_alone_processes(model_dir: Path, payloads: list[bytes], processes: int, threads: int) -> float:
+def _model_alone_processes(model_dir: Path, payloads: list[bytes], processes: int, threads: int, device: str) -> float:
     """Wall seconds for ``processes`` model-only processes of ``threads`` threads to score ``payloads`` (split
     evenly): the model's throughput in the worker's own layout of processes and threads."""
     context = multiprocessing.get_context("spawn")
     start, done = context.Barrier(processes + 1), context.Queue()
     shares = [payloads[index::processes] for index in range(processes)]
     children = [
-        context.Process(target=_score_share, args=(str(model_dir), share, threads, start, done)) for share in shares
+        context.Process(target=_score_share, args=(str(model_dir), share, threads, device, start, done))
+        for share in shares
     ]
     for child in children:
         child.start()
@@ -148,6 +149,7 @@ def main() -> None:
         "--worker-concurrency", type=int, default=None, help="worker processes (default: the product's)"
     )
     parser.add_argument("--worker-threads", type=int, default=None, help="OMP_NUM_THREADS of each worker process")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto: the worker's and the model-alone device")
     parser.add_argument("--backbone", default=PatchCoreConfig().backbone)
     parser.add_argument("--weights", default=None, help="'random' to time torchvision backbones offline")
     parser.add_argument("--coreset-ratio", type=float, default=PatchCoreConfig().coreset_ratio)
@@ -161,9 +163,9 @@ def main() -> None:
 
     print(f"training the benchmark model on {len(train)} images …", flush=True)
     config = PatchCoreConfig(backbone=args.backbone, weights_path=args.weights, coreset_ratio=args.coreset_ratio)
-    ensemble = FoldEnsemble.fit([r.id for r in train], [r.path for r in train], config, device="cpu")
+    ensemble = FoldEnsemble.fit([r.id for r in train], [r.path for r in train], config, device=args.device)
     model_dir = ensemble.save(workdir / "model")
-    ensemble = FoldEnsemble.load(model_dir, device="cpu")  # what the worker will load (hashes verified)
+    ensemble = FoldEnsemble.load(model_dir, device=args.device)  # what the worker will load (hashes verified)
 
     port = _free_port()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log would cost CPU per request
@@ -205,7 +207,7 @@ def main() -> None:
             "s3_bucket": BUCKET,
             "sqs_queue_url": queue_url,
             "model_cache_dir": str(workdir / "cache"),
-            "device": "cpu",
+            "device": args.device,
             "batch_size": "32",
             "batch_wait_ms": "500",
         }
@@ -273,10 +275,10 @@ def main() -> None:
                 for chunk in range(0, n, 32):
                     ensemble.score_images(images[chunk : chunk + 32], with_maps=with_maps)
                 timings[with_maps].append(time.perf_counter() - begin)
-        processes = args.worker_concurrency or default_pool("cpu", "score")[1]
+        processes = args.worker_concurrency or default_pool(args.device, "score")[1]
         threads = args.worker_threads or threads_per_process("prefork", processes) or torch.get_num_threads()
         split_s = statistics.median(
-            _model_alone_processes(model_dir, batch_payloads, processes, threads) for _ in range(3)
+            _model_alone_processes(model_dir, batch_payloads, processes, threads, args.device) for _ in range(3)
         )
 
         uploaded: dict[str, datetime] = {}

@@ -42,6 +42,14 @@ def _register(session_factory: sessionmaker[Session], store: FolderStore, keys: 
         ]
 
 
+def _drop(store: FolderStore, prefix: str, paths: list[Path]) -> list[str]:
+    """Put real images under ``prefix``; their keys, in order."""
+    keys = [f"{prefix}{path.name}" for path in paths]
+    for key, path in zip(keys, paths, strict=True):
+        store.put(key, path.read_bytes())
+    return keys
+
+
 def test_batch_scores_good_images_and_records_bad_ones_once(
     session_factory: sessionmaker[Session],
     store: FolderStore,
@@ -50,9 +58,7 @@ def test_batch_scores_good_images_and_records_bad_ones_once(
     tmp_path: Path,
 ) -> None:
     publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
-    good = [f"incoming/tool/lot 1/{path.name}" for path in dacon_test_images[:3]]
-    for key, path in zip(good, dacon_test_images, strict=False):
-        store.put(key, path.read_bytes())
+    good = _drop(store, "incoming/tool/lot 1/", dacon_test_images[:3])
     store.put("incoming/corrupt.png", b"\x89PNG\r\n\x1a\n not really")
     (store._root / "incoming" / "empty.png").write_bytes(b"")  # a zero-byte drop (put refuses nothing)
     keys = [*good, "incoming/corrupt.png", "incoming/empty.png", "incoming/deleted.png"]
@@ -102,9 +108,7 @@ def test_chunked_scoring_joins_scores_to_their_images(
     """Model chunks of 2 over a batch with a corrupt image in the middle: every score lands on its image."""
     publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
     paths = dacon_test_images[:5]
-    keys = [f"incoming/chunks/{path.name}" for path in paths]
-    for key, path in zip(keys, paths, strict=True):
-        store.put(key, path.read_bytes())
+    keys = _drop(store, "incoming/chunks/", paths)
     store.put("incoming/chunks/corrupt.png", b"\x89PNG\r\n\x1a\n truncated")
     keys.insert(2, "incoming/chunks/corrupt.png")
     ids = _register(session_factory, store, keys)
@@ -138,10 +142,7 @@ def test_heatmaps_only_for_anomalous_images_or_none(
     tmp_path: Path,
 ) -> None:
     publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
-    keys = [f"incoming/h/{path.name}" for path in dacon_test_images[:12]]
-    for key, path in zip(keys, dacon_test_images, strict=False):
-        store.put(key, path.read_bytes())
-    ids = _register(session_factory, store, keys)
+    ids = _register(session_factory, store, _drop(store, "incoming/h/", dacon_test_images[:12]))
     provider = _provider(session_factory, store, tmp_path)
 
     score_batch(
