@@ -52,7 +52,7 @@ from bench.common import CpuLedger
 from bench.magnetic_tile import DATASETS
 from models import FoldEnsemble, PatchCoreConfig, decode_image
 from models.datasets import read_image_csv
-from worker.app import create_app, make_enqueue
+from worker.app import create_app, make_enqueue, workers_idle
 from worker.cli.pipeline_cmds import default_pool, threads_per_process
 from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
 from worker.ingest import build_source, make_ingestor, run_ingest
@@ -231,10 +231,17 @@ def main() -> None:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        enqueue = make_enqueue(create_app(settings))
+        celery_app = create_app(settings)
+        enqueue = make_enqueue(celery_app)
 
         def start_ingest() -> tuple[threading.Event, threading.Thread]:
-            ingestor = make_ingestor(settings, session_factory=session_factory, enqueue=enqueue, bucket=BUCKET)
+            ingestor = make_ingestor(
+                settings,
+                session_factory=session_factory,
+                enqueue=enqueue,
+                bucket=BUCKET,
+                idle=workers_idle(celery_app),
+            )
             source = build_source("sqs", settings, ingestor, bucket=BUCKET, sqs_wait_time_s=1)
             stop = threading.Event()
             thread = threading.Thread(target=run_ingest, args=(source, ingestor, stop), daemon=True)

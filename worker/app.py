@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from celery import Celery, signals
 from kombu import Queue
+from kombu.exceptions import ChannelError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,6 +50,7 @@ __all__ = [
     "get_app",
     "make_enqueue",
     "make_store_from_settings",
+    "workers_idle",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,15 +205,47 @@ def make_enqueue(app: Celery) -> Callable[[Sequence[int]], None]:
     return enqueue
 
 
+def workers_idle(app: Celery) -> Callable[[], bool]:
+    """The micro-batcher's ``idle`` probe: True when no score task waits in the broker and, on Redis, no
+    task of any queue is being worked on (kombu keeps delivered, unacknowledged messages in its
+    ``unacked`` hash; with late acks that is every running task). An empty queue alone is not enough:
+    each worker process holds the task it runs, so the queue is empty while every worker is busy.
+    Other brokers are judged by the queue alone; any doubt (the broker does not answer) means "busy".
+    """
+
+    def probe() -> bool:
+        try:
+            with app.connection_for_write() as connection:
+                channel = connection.default_channel
+                if _message_count(channel, SCORE_QUEUE):
+                    return False
+                client, unacked_key = getattr(channel, "client", None), getattr(channel, "unacked_key", None)
+                return client is None or not unacked_key or int(client.hlen(unacked_key)) == 0
+        except Exception:  # batching by count and age still works; never stop ingest over a probe
+            logger.debug("worker idleness unknown", exc_info=True)
+            return False
+
+    return probe
+
+
+def _message_count(channel: Any, queue: str) -> int:
+    """Messages waiting in ``queue``; a queue nobody has declared yet (no worker started, nothing sent) holds 0."""
+    try:
+        return int(channel.queue_declare(queue=queue, passive=True).message_count)
+    except ChannelError as exc:
+        if str(getattr(exc, "reply_code", "")) == "404":
+            return 0
+        raise
+
+
 def queue_depth(app: Celery, queue: str = SCORE_QUEUE) -> int | None:
     """Messages waiting in ``queue`` (not counting reserved ones), or None when the broker cannot tell."""
     try:
         with app.connection_for_write() as connection:
-            declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+            depth = _message_count(connection.default_channel, queue)
     except Exception:  # the gauge is informational; a broker hiccup must not stop ingest
         logger.debug("queue depth of %s unavailable", queue, exc_info=True)
         return None
-    depth = int(declared.message_count)
     metrics.QUEUE_DEPTH.labels(queue=queue).set(depth)
     return depth
 

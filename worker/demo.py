@@ -35,7 +35,7 @@ from models import FoldEnsemble, PatchCoreConfig
 from models.artifacts import MANIFEST
 from models.datasets import ImageRef, list_images, read_image_csv
 from worker import repository
-from worker.app import create_app, make_enqueue, make_store_from_settings
+from worker.app import create_app, make_enqueue, make_store_from_settings, workers_idle
 from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
 from worker.ingest import build_source, make_ingestor, run_ingest
 from worker.model_provider import publish_model
@@ -284,7 +284,11 @@ def run_demo(options: DemoOptions, console: Console, *, live_console: Console | 
 
     celery_app = create_app(settings, set_as_current=False)
     ingestor = make_ingestor(
-        settings, session_factory=session_factory, enqueue=make_enqueue(celery_app), bucket=store.bucket
+        settings,
+        session_factory=session_factory,
+        enqueue=make_enqueue(celery_app),
+        bucket=store.bucket,
+        idle=workers_idle(celery_app),
     )
     source = build_source("folder", settings, ingestor, bucket=store.bucket, stable_after_s=0.2)
     stop_event = threading.Event()

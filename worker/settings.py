@@ -173,6 +173,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     batch_size: int = Field(32, ge=1, le=1024)
     batch_wait_ms: int = Field(500, ge=0, le=60_000)
+    flush_when_idle: bool = True  # send a partial batch at once when no score task is waiting (low latency)
     max_image_pixels: int = Field(64_000_000, ge=1)
     max_object_bytes: int = Field(200 * 1024 * 1024, ge=1)
     model_cache_dir: Path = Path("var/model-cache")  # bucket artifacts (models/<version>/) are downloaded here

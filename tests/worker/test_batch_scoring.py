@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import FoldEnsemble, PatchCoreConfig, decode_image
 from models.errors import ArtifactError
 from worker import repository
+from worker.app import create_app, make_enqueue, workers_idle
 from worker.db import session_scope
 from worker.errors import StorageUnavailableError
 from worker.events import ObjectEvent
@@ -21,6 +25,7 @@ from worker.ingest import Ingestor, MicroBatcher
 from worker.model_provider import ModelProvider, ModelUnavailableError, publish_model
 from worker.schema import Failure, Image, Inference
 from worker.scoring import ScoringOptions, record_gave_up, score_batch
+from worker.settings import Settings
 from worker.storage import FolderStore, make_store
 
 
@@ -268,3 +273,36 @@ def test_batcher_close_sends_the_partial_batch() -> None:
     batcher.add([1, 2])
     batcher.close()
     assert sent == [[1, 2]]
+
+
+def test_batcher_sends_a_partial_batch_at_once_only_when_the_workers_are_idle(redis_client: redis.Redis) -> None:
+    """The idle probe reads the real Redis broker. Idle workers get a partial batch at once; while a batch
+    waits in the queue, or a worker holds one unacknowledged (running), new ids keep batching."""
+    url = "redis://127.0.0.1:6379/12"
+    broker = redis.Redis.from_url(url)
+    broker.flushdb()
+    app = create_app(Settings(broker_url=url), set_as_current=False)
+    try:
+        idle = workers_idle(app)
+        assert idle()  # nothing declared, nothing sent
+        batcher = MicroBatcher(make_enqueue(app), batch_size=32, batch_wait_ms=60_000, idle=idle)
+        batcher.add([1, 2])
+        assert broker.llen("score") == 1 and batcher.pending == 0  # sent without waiting a minute
+        batcher.add([3])
+        assert batcher.pending == 1  # a batch is waiting: keep batching
+
+        with app.connection_for_read() as connection:  # a worker takes the waiting batch and runs it
+            running = connection.SimpleQueue("score").get(timeout=5)
+            assert running.payload is not None and broker.llen("score") == 0
+            batcher.add([4])
+            assert batcher.pending == 2  # the queue is empty but the worker is busy (unacknowledged)
+            running.ack()
+        assert idle()
+        batcher.add([5])
+        assert batcher.pending == 0 and broker.llen("score") == 1
+        batcher.close()
+        bodies = [json.loads(base64.b64decode(json.loads(raw)["body"])) for raw in broker.lrange("score", 0, -1)]
+        assert [body[0][0] for body in bodies] == [[3, 4, 5]]
+    finally:
+        broker.flushdb()
+        broker.close()

@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.app import create_app, make_enqueue
+from worker.app import create_app, make_enqueue, workers_idle
 from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
 from worker.ingest import Ingestor, build_source, make_ingestor, run_ingest
 from worker.model_provider import publish_model
@@ -68,7 +68,11 @@ class Pipeline:
     def ingestor(self) -> Ingestor:
         app = create_app(self.settings, set_as_current=False)
         return make_ingestor(
-            self.settings, session_factory=self.session_factory, enqueue=make_enqueue(app), bucket=BUCKET
+            self.settings,
+            session_factory=self.session_factory,
+            enqueue=make_enqueue(app),
+            bucket=BUCKET,
+            idle=workers_idle(app),
         )
 
     def drain_sqs(self) -> None:

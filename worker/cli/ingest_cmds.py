@@ -53,7 +53,7 @@ def ingest(
     ),
 ) -> None:
     """Listen for new objects, register them in the database and send score_batch tasks in micro-batches."""
-    from worker.app import create_app, make_enqueue, make_store_from_settings, queue_depth
+    from worker.app import create_app, make_enqueue, make_store_from_settings, queue_depth, workers_idle
     from worker.db import make_engine, make_session_factory
     from worker.ingest import build_source, make_ingestor, run_ingest
     from worker.metrics import start_metrics_server
@@ -67,7 +67,13 @@ def ingest(
     start_metrics_server(settings.metrics_port if metrics_port is None else metrics_port)
     if reconcile_first:
         _reconcile(settings, session_factory, store, enqueue)
-    ingestor = make_ingestor(settings, session_factory=session_factory, enqueue=enqueue, bucket=store.bucket)
+    ingestor = make_ingestor(
+        settings,
+        session_factory=session_factory,
+        enqueue=enqueue,
+        bucket=store.bucket,
+        idle=workers_idle(celery_app),
+    )
     try:
         event_source = build_source(source.value, settings, ingestor, bucket=store.bucket)
     except ValueError as exc:
