@@ -222,3 +222,23 @@ def test_custom_regex_returns_only_non_empty_groups() -> None:
         "step": "step2",
     }
     assert parse_key_metadata("unrelated.png", pattern) == {}
+
+
+@pytest.mark.parametrize(
+    ("device", "queues", "cores", "expected", "threads"),
+    [
+        ("cpu", "score,ingest", 2, ("prefork", 2), 1),  # one scoring process per core, the cores split
+        ("cpu", "score", 16, ("prefork", 4), 4),  # at most 4 models in memory
+        ("cpu", "score", 1, ("prefork", 1), None),
+        ("cpu", "train", 16, ("prefork", 1), None),  # a build gets every core
+        ("cpu", "score,train", 16, ("prefork", 1), None),
+        ("cuda", "score", 16, ("solo", 1), None),  # nothing forked after CUDA is initialised
+        ("cuda:1", "score", 16, ("solo", 1), None),
+    ],
+)
+def test_worker_pool_defaults(device, queues, cores, expected, threads):
+    from worker.cli.pipeline_cmds import default_pool, threads_per_process
+
+    pool = default_pool(device, queues, cores=cores)
+    assert pool == expected
+    assert threads_per_process(*pool, cores=cores) == threads
