@@ -215,7 +215,7 @@ def workers_idle(app: Celery) -> Callable[[], bool]:
 
     def probe() -> bool:
         try:
-            with app.connection_for_write() as connection:
+            with app.pool.acquire(block=True, timeout=5) as connection:
                 channel = connection.default_channel
                 if _message_count(channel, SCORE_QUEUE):
                     return False
@@ -241,7 +241,7 @@ def _message_count(channel: Any, queue: str) -> int:
 def queue_depth(app: Celery, queue: str = SCORE_QUEUE) -> int | None:
     """Messages waiting in ``queue`` (not counting reserved ones), or None when the broker cannot tell."""
     try:
-        with app.connection_for_write() as connection:
+        with app.pool.acquire(block=True, timeout=5) as connection:
             depth = _message_count(connection.default_channel, queue)
     except Exception:  # the gauge is informational; a broker hiccup must not stop ingest
         logger.debug("queue depth of %s unavailable", queue, exc_info=True)
