@@ -55,6 +55,7 @@ from models.datasets import read_image_csv
 from worker.app import create_app, make_enqueue, workers_idle
 from worker.cli.pipeline_cmds import default_pool, threads_per_process
 from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
+from worker.demo import start_worker, stop_worker
 from worker.ingest import build_source, make_ingestor, run_ingest
 from worker.model_provider import publish_model
 from worker.schema import Image, Inference
@@ -64,14 +65,6 @@ from worker.storage import make_store
 PG_ADMIN_URL = os.environ.get("WAFERWATCH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 BROKER_URL = "redis://127.0.0.1:6379/14"
 BUCKET = "bench"
-_WORKER_COMMAND = (
-    str(Path(sys.executable).with_name("waferwatch")),
-    "worker",
-    "--queues",
-    "score",
-    "--loglevel",
-    "INFO",
-)
 
 
 def _free_port() -> int:
@@ -216,21 +209,13 @@ def main() -> None:
         session_factory = make_session_factory(engine)
         store = make_store("s3", endpoint_url=endpoint, bucket=BUCKET, region="us-east-1")
         publish_model(store, session_factory, model_dir, model_prefix="models/")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WAFERWATCH_")}
-        env |= {f"WAFERWATCH_{k.upper()}": v for k, v in values.items()}
-        command = list(_WORKER_COMMAND)
+        env = {f"WAFERWATCH_{k.upper()}": v for k, v in values.items()}
+        worker_args = ["--queues", "score"]  # the product's default pool for the device unless overridden
         if args.worker_concurrency:
-            command += ["--concurrency", str(args.worker_concurrency)]
+            worker_args += ["--concurrency", str(args.worker_concurrency)]
         if args.worker_threads:
             env["OMP_NUM_THREADS"] = str(args.worker_threads)
-        log = (workdir / "worker.log").open("wb")
-        worker = subprocess.Popen(
-            command,  # the product's default pool for the device unless overridden
-            env=env,
-            cwd=workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        worker = start_worker(env, workdir / "worker.log", *worker_args)
         celery_app = create_app(settings)
         enqueue = make_enqueue(celery_app)
 
@@ -329,8 +314,7 @@ def main() -> None:
         )
     finally:
         if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=30)
+            stop_worker(worker)
         if engine is not None:
             engine.dispose()
         broker.flushdb()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -66,8 +67,6 @@ class CpuLedger:
         self._wall = time.perf_counter()
 
     def _snapshot(self) -> dict[str, float]:
-        import os
-
         import psutil
 
         groups = {"worker": 0.0, "bench": 0.0, "postgres": 0.0, "redis": 0.0, "idle": psutil.cpu_times().idle}
@@ -97,8 +96,6 @@ class CpuLedger:
         """``group s (share of the cores)`` since construction, one line."""
         end = self._snapshot()
         wall = time.perf_counter() - self._wall
-        import os
-
         cores = os.cpu_count() or 1
         parts = []
         for group, begin in self._start.items():

@@ -171,11 +171,12 @@ def _reset_run_state(paths: DemoPaths) -> None:
         Path(f"{paths.database}{suffix}").unlink(missing_ok=True)
 
 
-def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """``waferwatch worker`` as a child process (its own process group, so it can be stopped as a whole)."""
+def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``waferwatch worker [args]`` as a child process (its own process group, so it can be stopped as a whole),
+    with this process's environment less its ``WAFERWATCH_*`` variables, plus ``env``."""
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("WAFERWATCH_")}
     child_env.update(env)
-    command = [sys.executable, "-c", "from worker.cli import main; main()", "worker", "--loglevel", "INFO"]
+    command = [sys.executable, "-c", "from worker.cli import main; main()", "worker", "--loglevel", "INFO", *args]
     with log_path.open("ab") as log:
         return subprocess.Popen(command, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

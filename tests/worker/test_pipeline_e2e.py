@@ -1,7 +1,7 @@
 """End to end on real components: moto S3 → SQS notifications → ingest → Celery on Redis → PostgreSQL.
 
-One Celery worker subprocess (``-P solo``) serves the whole module; it reads its configuration from
-``WAFERWATCH_*`` variables exactly as in a deployment. Redis database 15 is the broker and is flushed
+One ``waferwatch worker`` subprocess (the product's default pool) serves the whole module; it reads its
+configuration from ``WAFERWATCH_*`` variables exactly as in a deployment. Redis database 15 is the broker and is flushed
 before and after. Each test uses its own keys, so tests share the bucket, the queue and the database.
 """
 
@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.app import create_app, make_enqueue, workers_idle
 from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
+from worker.demo import start_worker, stop_worker
 from worker.ingest import Ingestor, build_source, make_ingestor, run_ingest
 from worker.model_provider import publish_model
 from worker.schema import Failure, Image, Inference
@@ -171,24 +172,16 @@ def pipeline(
     store = make_store("s3", endpoint_url=s3_server, bucket=BUCKET, region="us-east-1")
     publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
     log = workdir / "worker.log"
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("WAFERWATCH_")} | env
     # The product's own command and pool defaults: on a CPU, prefork with one process per core (at most 4),
     # so with 2+ cores this also covers metrics summed over several children.
-    command = [sys.executable, "-c", "from worker.cli import main; main()", "worker", "--queues", "score,ingest"]
-    with log.open("wb") as handle:
-        process = subprocess.Popen(command, env=child_env, cwd=workdir, stdout=handle, stderr=subprocess.STDOUT)
+    process = start_worker(env, log, "--queues", "score,ingest")
     try:
         _wait_worker_ready(process, log)
         pipeline = Pipeline(settings, env, s3, sqs, queue_arn, session_factory, broker, dacon_test_images)
         pipeline.notifications(enabled=True)
         yield pipeline
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_worker(process)
         engine.dispose()
         broker.flushdb()
         broker.close()
