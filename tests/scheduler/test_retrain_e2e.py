@@ -9,9 +9,6 @@ broker and result backend, flushed before and after.
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +30,7 @@ from worker import repository
 from worker.app import create_app, make_enqueue
 from worker.cli import app as cli_app
 from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
+from worker.demo import start_worker, stop_worker
 from worker.model_provider import publish_model
 from worker.schema import Inference, ModelVersion
 from worker.settings import Settings, get_settings
@@ -171,11 +169,7 @@ def cluster(
     first = publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
     app = create_app(settings, set_as_current=False)
     log = workdir / "worker.log"
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("WAFERWATCH_")} | env
-    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-P", "solo", "-Q", "train,score"]
-    command += ["--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"]
-    with log.open("wb") as handle:
-        process = subprocess.Popen(command, env=child_env, cwd=workdir, stdout=handle, stderr=subprocess.STDOUT)
+    process = start_worker(env, log, "--pool", "solo", "--queues", "train,score")
     try:
         deadline = time.monotonic() + 120
         while "ready." not in log.read_text(errors="replace"):
@@ -185,12 +179,7 @@ def cluster(
         train = sorted((dacon_data / "train").glob("*.png"))
         yield Cluster(settings, env, s3, app, session_factory, train, dacon_test_images, log, first.version)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_worker(process)
         engine.dispose()
         broker.flushdb()
         broker.close()
