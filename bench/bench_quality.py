@@ -1,84 +1,258 @@
-"""Quality vs cost on the labelled magnetic-tile set: choose the defaults by measurement.
+"""The one quality table: every labelled set × every candidate config, side by side.
 
-For each configuration: image AUROC, F1 at the calibrated threshold, pixel AUROC, training time and bank
-size. Usage: python bench/bench_quality.py [--quick] [--grid ratio=0.01,0.1 size=224,320 layers=...]
+For each (set, candidate): image AUROC, F1 at the model's own threshold, the F1-optimal threshold's F1 (for
+reference: it needs the test labels, the product never does), the false-alarm rate on the held-out good
+images, pixel AUROC, training seconds, scoring ms/image and the bank size per fold.
+
+Features depend only on the backbone side of a config (backbone, layers, image size, grid, tiling, layer
+weighting), so they are extracted once per set and shared by every candidate that differs only in coreset,
+k, eq. 7 or threshold rule: a table of many candidates costs a few extractions. Cached under
+``runs/bench-cache/quality`` (delete it after changing the feature code).
+
+Usage::
+
+    python bench/bench_quality.py                       # the table in README
+    python bench/bench_quality.py --candidates default,original --sets magnetic-tile
+    python bench/bench_quality.py --extra "mine:coreset_ratio=0.05,k=3"
+    python bench/bench_quality.py --markdown table.md --json rows.json
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.magnetic_tile import magnetic_tile_split, subsample
-from models import FoldEnsemble, PatchCoreConfig
-from models.evaluation import evaluate_ensemble
+from bench.deeppcb import deeppcb_split
+from bench.magnetic_tile import MagneticTileSplit, magnetic_tile_split, subsample
+from models import PatchCoreConfig
+from models.datasets import ImageRef
+from models.ensemble import FoldEnsemble
+from models.evaluation import image_metrics, pixel_auroc
+from models.features import PatchFeatureExtractor
+from models.images import load_image_file
+from models.training import FeatureSet, assemble_ensemble, build_fold, extract_features
+
+CACHE = Path(__file__).resolve().parents[1] / "runs" / "bench-cache" / "quality"
+
+#: Fields that change the patch features (everything else only changes banks, scores or thresholds).
+FEATURE_FIELDS = (
+    "backbone",
+    "layers",
+    "weights_path",
+    "image_size",
+    "patch_size",
+    "align",
+    "target_dim",
+    "tiles",
+    "tile_overlap",
+    "layer_weighting",
+)
+
+#: The candidates of the README table: name → overrides of PatchCoreConfig().
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "original": {"coreset_ratio": 0.01, "threshold_rule": "fold_max", "reweight_neighbours": 5},
+}
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``key=value,key=value`` → typed overrides (ints, floats, bools, '+'-joined tuples, strings)."""
+    overrides: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, raw = item.partition("=")
+        value: Any = raw
+        if key == "layers":
+            value = tuple(raw.split("+"))
+        elif raw in ("true", "false"):
+            value = raw == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    continue
+        overrides[key] = value
+    return overrides
+
+
+@dataclass
+class LabelledSet:
+    name: str
+    split: MagneticTileSplit
+
+
+def labelled_sets(names: list[str], quick: bool) -> list[LabelledSet]:
+    sets = []
+    for name in names:
+        split = {"magnetic-tile": magnetic_tile_split, "deeppcb": deeppcb_split}[name]()
+        if quick:
+            split = MagneticTileSplit(
+                subsample(split.train, 80), subsample(split.test_good, 40), subsample(split.test_bad, 40), split.masks
+            )
+        sets.append(LabelledSet(name, split))
+    return sets
+
+
+def feature_key(config: PatchCoreConfig, set_name: str, quick: bool) -> str:
+    data = config.to_dict()
+    payload = {field: data[field] for field in FEATURE_FIELDS} | {"set": set_name, "quick": quick}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_features(
+    config: PatchCoreConfig, data: LabelledSet, quick: bool
+) -> tuple[FeatureSet, np.ndarray, list[str], float, float]:
+    """Training FeatureSet, test embeddings (n_test, rows, cols, dim) float16 with their ids, and the seconds
+    the training extraction and the test embedding took (measured when first computed, then cached)."""
+    directory = CACHE / f"{data.name}-{feature_key(config, data.name, quick)}"
+    test_path, meta_path = directory / "test.npy", directory / "test.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        test = np.load(test_path, allow_pickle=False)
+        return FeatureSet.load(directory, "train"), test, meta["ids"], meta["train_s"], meta["test_s"]
+    extractor = PatchFeatureExtractor(config)
+    split = data.split
+    started = time.perf_counter()
+    train = extract_features([r.id for r in split.train], [r.path for r in split.train], config, extractor=extractor)
+    train_s = time.perf_counter() - started
+    refs = split.test_good + split.test_bad
+    started = time.perf_counter()
+    parts = []
+    for begin in range(0, len(refs), config.batch_size):
+        images = [load_image_file(r.path) for r in refs[begin : begin + config.batch_size]]
+        parts.append(extractor.embed(images).half().numpy())
+    test_s = time.perf_counter() - started
+    test = np.concatenate(parts)
+    train.save(directory, "train")
+    np.save(test_path, test, allow_pickle=False)
+    meta_path.write_text(json.dumps({"ids": [r.id for r in refs], "train_s": train_s, "test_s": test_s}))
+    return train, test, [r.id for r in refs], train_s, test_s
+
+
+def load_masks(refs: list[ImageRef], masks: dict[str, Path], size: int) -> list[np.ndarray]:
+    from PIL import Image
+
+    out = []
+    for ref in refs:
+        path = masks.get(ref.id)
+        if path is None or not path.is_file():
+            out.append(np.zeros((size, size), dtype=bool))
+            continue
+        with Image.open(path) as mask:
+            out.append(np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 0)
+    return out
+
+
+def f1_optimal(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The best F1 any threshold reaches on these labels (a reference, never a product setting)."""
+    order = np.argsort(-scores)
+    truth = labels[order]
+    tp = np.cumsum(truth)
+    fp = np.cumsum(1 - truth)
+    fn = truth.sum() - tp
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    return float(f1.max())
+
+
+def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, quick: bool) -> dict[str, Any]:
+    train, test, test_ids, extract_s, test_s = cached_features(config, data, quick)
+    started = time.perf_counter()
+    folds = [build_fold(train, index, config) for index in range(config.folds)]
+    ensemble: FoldEnsemble = assemble_ensemble(config, train, folds)
+    fold_s = time.perf_counter() - started
+    split = data.split
+    n_good = len(split.test_good)
+    labels = np.array([0] * n_good + [1] * len(split.test_bad))
+    started = time.perf_counter()
+    scores, maps = [], []
+    import torch
+
+    size = None
+    for begin in range(0, len(test_ids), config.batch_size):
+        embedded = torch.from_numpy(test[begin : begin + config.batch_size].astype(np.float32))
+        results = ensemble.score_embeddings(embedded, test_ids[begin : begin + config.batch_size], with_maps=True)
+        scores.extend(r.score for r in results)
+        maps.extend(r.anomaly_map.astype(np.float16) for r in results)
+        size = results[0].anomaly_map.shape[0]
+    bank_score_s = time.perf_counter() - started
+    scores_array = np.asarray(scores)
+    metrics = image_metrics(scores_array, labels, ensemble.threshold)
+    refs = split.test_good + split.test_bad
+    pixel = pixel_auroc(maps, load_masks(refs, split.masks, size))
+    n_test = len(test_ids)
+    return {
+        "set": data.name,
+        "candidate": name,
+        "image_auroc": metrics["image_auroc"],
+        "f1": metrics["f1"],
+        "f1_best": f1_optimal(scores_array, labels),
+        "recall": metrics["recall"],
+        "false_alarm_rate": float((scores_array[:n_good] > ensemble.threshold).mean()),
+        "pixel_auroc": pixel,
+        "train_s": extract_s + fold_s,
+        "score_ms": (test_s + bank_score_s) / n_test * 1000,
+        "bank": sum(f.bank.n_entries for f in ensemble.folds) // len(ensemble.folds),
+        "config": {k: v for k, v in config.to_dict().items() if k != "extra"},
+    }
+
+
+HEADER = "| set | candidate | image AUROC | F1 @ threshold | best F1 | false alarms | pixel AUROC | train s | score ms/img | bank/fold |"
+
+
+def markdown_row(row: dict[str, Any]) -> str:
+    return (
+        f"| {row['set']} | {row['candidate']} | {row['image_auroc']:.3f} | {row['f1']:.3f} | {row['f1_best']:.3f} | "
+        f"{100 * row['false_alarm_rate']:.1f}% | {row['pixel_auroc']:.3f} | {row['train_s']:.1f} | "
+        f"{row['score_ms']:.1f} | {row['bank']} |"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ratios", default="0.01,0.1,0.25")
-    parser.add_argument("--sizes", default="224,320")
-    parser.add_argument("--layers", default="blocks.4+blocks.10", help="';'-separated '+'-joined tap lists")
-    parser.add_argument("--target-dims", default="0", help="comma-separated target_dim values (0 = native)")
-    parser.add_argument("--aligns", default="finest", help="comma-separated: finest,coarsest")
-    parser.add_argument("--quick", action="store_true", help="subsample the test set (smoke run)")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default="magnetic-tile,deeppcb")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help=f"from {sorted(CANDIDATES)}")
+    parser.add_argument("--extra", action="append", default=[], help="'name:key=value,...' (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="subsample every set (smoke run)")
+    parser.add_argument("--json", type=Path, help="append the rows here (JSON lines)")
+    parser.add_argument("--markdown", type=Path, help="write the markdown table here")
     args = parser.parse_args()
-    split = magnetic_tile_split()
-    good, bad = split.test_good, split.test_bad
-    if args.quick:
-        good, bad = subsample(good, 40), subsample(bad, 40)
-    print(
-        f"magnetic-tile: train {len(split.train)} good; test {len(good)} good + {len(bad)} defective",
-        flush=True,
-    )
-    rows = []
-    header = (
-        f"{'layers':<22}{'size':>5}{'ratio':>7}{'AUROC':>8}{'F1':>7}{'pxAUROC':>9}"
-        f"{'train s':>9}{'score ms/img':>13}{'bank':>7}"
-    )
-    print(header, flush=True)
-    combos = itertools.product(
-        [tuple(x.split("+")) for x in args.layers.split(";")],
-        [int(s) for s in args.sizes.split(",")],
-        [float(r) for r in args.ratios.split(",")],
-        args.aligns.split(","),
-        [int(d) for d in args.target_dims.split(",")],
-    )
-    for layers, size, ratio, align, target_dim in combos:
-        config = PatchCoreConfig(
-            layers=layers, image_size=size, coreset_ratio=ratio, align=align, target_dim=target_dim
-        )
-        started = time.perf_counter()
-        ensemble = FoldEnsemble.fit([r.id for r in split.train], [r.path for r in split.train], config)
-        train_s = time.perf_counter() - started
-        started = time.perf_counter()
-        report, _ = evaluate_ensemble(ensemble, good, bad, masks=split.masks)
-        score_ms = (time.perf_counter() - started) / (len(good) + len(bad)) * 1000
-        bank = sum(f.bank.n_entries for f in ensemble.folds) // len(ensemble.folds)
-        row = {
-            "layers": "+".join(layers),
-            "size": size,
-            "ratio": ratio,
-            **report.as_dict(),
-            "train_s": train_s,
-            "score_ms_per_image": score_ms,
-            "bank_per_fold": bank,
-        }
-        rows.append(row)
+    candidates = {name: CANDIDATES[name] for name in filter(None, args.candidates.split(","))}
+    for spec in args.extra:
+        name, _, overrides = spec.partition(":")
+        candidates[name] = parse_overrides(overrides)
+    sets = labelled_sets(args.sets.split(","), args.quick)
+    for data in sets:
         print(
-            f"{row['layers']:<22}{size:>5}{ratio:>7.2f}{report.image_auroc:>8.3f}{report.f1:>7.3f}"
-            f"{report.pixel_auroc:>9.3f}{train_s:>9.1f}{score_ms:>13.1f}{bank:>7}",
+            f"{data.name}: train {len(data.split.train)} good; test {len(data.split.test_good)} good + "
+            f"{len(data.split.test_bad)} defective",
             flush=True,
         )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    print(HEADER, flush=True)
+    print("|---" * 10 + "|", flush=True)
+    rows = []
+    for name, overrides in candidates.items():
+        config = PatchCoreConfig().replace(**overrides)
+        for data in sets:
+            row = evaluate_candidate(name, config, data, args.quick)
+            rows.append(row)
+            print(markdown_row(row), flush=True)
+            if args.json:
+                with args.json.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    if args.markdown:
+        lines = [HEADER, "|---" * 10 + "|", *(markdown_row(r) for r in rows)]
+        args.markdown.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

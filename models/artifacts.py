@@ -70,6 +70,7 @@ def save_ensemble(ensemble: FoldEnsemble, directory: Path) -> Path:
                 "threshold": fold.threshold,
                 "bank_size": fold.bank.n_entries,
                 "validation_ids": list(fold.validation_ids),
+                "validation_scores": list(fold.validation_scores),
                 "n_train_images": len(fold.train_ids),
             }
         )
@@ -110,6 +111,7 @@ def save_fold(fold: Fold, directory: Path) -> list[Path]:
         "threshold": fold.threshold,
         "train_ids": list(fold.train_ids),
         "validation_ids": list(fold.validation_ids),
+        "validation_scores": list(fold.validation_scores),
         "sha256": bank_sha256,
     }
     meta_path = directory / f"fold_{fold.index}.json"
@@ -125,7 +127,14 @@ def load_fold(directory: Path, index: int) -> Fold:
     if sha256_file(bank_path) != meta["sha256"]:
         raise ArtifactError(f"{bank_path} does not match the hash recorded in fold_{index}.json")
     bank = MemoryBank(load_file(str(bank_path))["bank"])
-    return Fold(index, tuple(meta["train_ids"]), tuple(meta["validation_ids"]), float(meta["threshold"]), bank)
+    return Fold(
+        index,
+        tuple(meta["train_ids"]),
+        tuple(meta["validation_ids"]),
+        float(meta["threshold"]),
+        bank,
+        validation_scores=tuple(meta.get("validation_scores", ())),
+    )
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -188,6 +197,7 @@ def load_ensemble(directory: Path, *, device: str | torch.device | None = "auto"
                 validation_ids=validation,
                 threshold=float(entry["threshold"]),
                 bank=MemoryBank(bank),
+                validation_scores=tuple(entry.get("validation_scores", ())),
             )
         )
     ensemble = FoldEnsemble(

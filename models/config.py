@@ -13,7 +13,9 @@ from typing import Any, Literal
 from models.errors import ConfigError
 
 ThresholdAggregate = Literal["mean", "max", "median"]
+LayerWeighting = Literal["none", "channels", "l2"]
 ScoreAggregate = Literal["max", "mean"]
+ThresholdRule = Literal["fold_max", "percentile", "gpd"]
 
 #: Layers tapped by default for each backbone (mid-level features, as in PatchCore).
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
@@ -58,13 +60,19 @@ class PatchCoreConfig:
     coreset_projection_dim: int = 128  # random projection for features wider than 2× this; 0 = never
     k: int = 5
     reweight: bool = True  # PatchCore eq. 7
+    reweight_neighbours: int = 9  # eq. 7's b: bank neighbourhood of m* the weight is a softmax over (anomalib: 9)
     folds: int = 5
     seed: int = 0
-    threshold_aggregate: ThresholdAggregate = "mean"
+    threshold_aggregate: ThresholdAggregate = "mean"  # how fold_max combines the fold maxima
+    threshold_rule: ThresholdRule = "fold_max"  # models.ensemble.ensemble_threshold
+    false_alarm_rate: float = 0.01  # target share of nominal images flagged (percentile and gpd rules)
     score_aggregate: ScoreAggregate = "max"
     smoothing_sigma: float = 4.0
     max_image_pixels: int = 64_000_000
     batch_size: int = 32
+    tiles: int = 1  # tiles per side: the image is resized to a canvas of about tiles x image_size and cut
+    tile_overlap: float = 0.0  # fraction of a tile that neighbouring tiles share (rounded to patch cells)
+    layer_weighting: LayerWeighting = "none"  # how tapped layers are balanced (models.embedding.weigh_layer)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -82,12 +90,31 @@ class PatchCoreConfig:
         _check(0.0 < self.coreset_ratio <= 1.0, f"coreset_ratio={self.coreset_ratio} must be in (0, 1]")
         _check(self.coreset_projection_dim >= 0, "coreset_projection_dim must be >= 0 (0: never project)")
         _check(self.k >= 1, f"k={self.k} must be >= 1")
+        _check(
+            self.reweight_neighbours >= 2,
+            f"reweight_neighbours={self.reweight_neighbours} must be >= 2: eq. 7 is a softmax over m*'s "
+            "neighbourhood, and over one neighbour it gives every image the score 0",
+        )
+        _check(self.tiles >= 1, f"tiles={self.tiles} must be >= 1 (1 = the whole image, no tiling)")
+        _check(0.0 <= self.tile_overlap <= 0.5, f"tile_overlap={self.tile_overlap} must be in [0, 0.5]")
+        _check(
+            self.layer_weighting in ("none", "channels", "l2"),
+            f"layer_weighting={self.layer_weighting!r} must be 'none', 'channels' or 'l2'",
+        )
         _check(self.folds >= 2, f"folds={self.folds} must be at least 2 (each fold needs a validation part)")
         _check(
             self.threshold_aggregate in ("mean", "max", "median"),
             f"threshold_aggregate={self.threshold_aggregate!r} must be mean, max or median",
         )
         _check(self.score_aggregate in ("max", "mean"), f"score_aggregate={self.score_aggregate!r}")
+        _check(
+            self.threshold_rule in ("fold_max", "percentile", "gpd"),
+            f"threshold_rule={self.threshold_rule!r} must be fold_max, percentile or gpd",
+        )
+        _check(
+            0.0 < self.false_alarm_rate < 0.5,
+            f"false_alarm_rate={self.false_alarm_rate} must be in (0, 0.5), e.g. 0.01 for 1% of good images",
+        )
         _check(self.smoothing_sigma >= 0, f"smoothing_sigma={self.smoothing_sigma} must be >= 0")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
 
@@ -105,6 +132,9 @@ class PatchCoreConfig:
         if unknown:
             raise ConfigError(f"unknown config fields {unknown}; this waferwatch is older than the model")
         values = dict(data)
+        # Models saved before eq. 7 had its own neighbourhood took it from k: keep scoring them the same.
+        values.setdefault("reweight_neighbours", max(2, int(values.get("k", 5))))
+        values.setdefault("threshold_rule", "fold_max")
         if "layers" in values:
             values["layers"] = tuple(values["layers"])
         return cls(**values)

@@ -24,12 +24,31 @@ def aggregate_neighbourhood(features: torch.Tensor, patch_size: int) -> torch.Te
     return F.avg_pool2d(features, patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)
 
 
+def weigh_layer(features: torch.Tensor, how: str) -> torch.Tensor:
+    """Balance one tapped layer (n, c, h, w) against the others before concatenation.
+
+    Concatenated as they are, a 112-channel layer outweighs a 40-channel one in every distance by its width
+    alone. ``"channels"`` divides by √c, so each layer adds about the same squared distance when its channels
+    vary alike; ``"l2"`` scales each patch's vector of that layer to unit length, so each layer adds exactly
+    the same at most (magnitudes are lost, directions kept). Both are per patch and parameter-free: nothing is
+    fitted, and an image embeds the same in any batch.
+    """
+    if how == "none":
+        return features
+    if how == "channels":
+        return features / features.shape[1] ** 0.5
+    if how == "l2":
+        return F.normalize(features, dim=1)
+    raise ValueError(f"layer_weighting={how!r} must be 'none', 'channels' or 'l2'")
+
+
 def embed_patches(
     layer_features: Sequence[torch.Tensor],
     *,
     patch_size: int = 3,
     target_dim: int | None = None,
     align: str = "finest",
+    layer_weighting: str = "none",
 ) -> torch.Tensor:
     """Combine tapped layers into one embedding per patch.
 
@@ -58,7 +77,7 @@ def embed_patches(
             features = F.adaptive_avg_pool2d(features, (height, width))
         elif features.shape[-2:] != (height, width):
             features = F.interpolate(features, size=(height, width), mode="bilinear", align_corners=False)
-        aligned.append(features)
+        aligned.append(weigh_layer(features, layer_weighting))
     stacked = torch.cat(aligned, dim=1).permute(0, 2, 3, 1)  # (n, h, w, c)
     if target_dim and target_dim != stacked.shape[-1]:
         n_images, h, w, channels = stacked.shape

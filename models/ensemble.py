@@ -53,8 +53,9 @@ class Fold:
     index: int
     train_ids: tuple[str, ...]
     validation_ids: tuple[str, ...]
-    threshold: float
+    threshold: float  # the maximum validation score (the original recipe's fold threshold)
     bank: MemoryBank
+    validation_scores: tuple[float, ...] = ()  # by validation id order; what the threshold rules are fitted on
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class FoldEnsemble:
         self._extractor = extractor
         self._device = device
         self.fold_thresholds = tuple(fold.threshold for fold in self.folds)
-        self.threshold = aggregate_thresholds(self.fold_thresholds, config.threshold_aggregate)
+        self.threshold = ensemble_threshold(self.folds, config)
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -126,6 +127,14 @@ class FoldEnsemble:
         if self._extractor is None:
             self._extractor = PatchFeatureExtractor(self.config, device=self._device)
         return self._extractor
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square images are resized to before scoring, and of the anomaly maps (the tiled
+        canvas; ``image_size`` without tiling)."""
+        if self.config.tiles == 1:
+            return self.config.image_size
+        return self.extractor.input_size
 
     def score_images(
         self,
@@ -169,7 +178,7 @@ class FoldEnsemble:
         maps = None
         if with_maps:
             grid_tensor = torch.from_numpy(grids.reshape(n_images, height, width))
-            maps = anomaly_maps(grid_tensor, self.config.image_size, self.config.smoothing_sigma).numpy()
+            maps = anomaly_maps(grid_tensor, self.input_size, self.config.smoothing_sigma).numpy()
         return [
             ImageScore(
                 id=image_id,
@@ -214,6 +223,25 @@ class FoldEnsemble:
             "grid": list(self.grid),
             "n_training_images": len(self.training_images),
         }
+
+
+def ensemble_threshold(folds: Sequence[Fold], config: PatchCoreConfig) -> float:
+    """The decision threshold, by ``config.threshold_rule``.
+
+    ``fold_max`` is the original recipe: each fold's maximum validation score, aggregated over the folds
+    (mean by default). The other rules (:mod:`models.thresholds`) are fitted on every training image's
+    out-of-fold score: each nominal image is scored once, by the one fold that did not train on it, so the
+    fit sees as many honest nominal scores as there are training images instead of one maximum per fold.
+    Models saved without validation scores fall back to ``fold_max``.
+    """
+    pooled = [score for fold in folds for score in fold.validation_scores]
+    if config.threshold_rule == "fold_max" or not pooled:
+        return aggregate_thresholds([fold.threshold for fold in folds], config.threshold_aggregate)
+    from models.thresholds import fit_threshold
+
+    return fit_threshold(
+        np.asarray(pooled, dtype=np.float64), config.threshold_rule, false_alarm_rate=config.false_alarm_rate
+    )
 
 
 def aggregate_thresholds(thresholds: Sequence[float], how: str) -> float:

@@ -68,7 +68,7 @@ def evaluate_ensemble(
     """Score labelled images batch by batch and report image AUROC, F1 at the model's threshold and, when
     masks are given (by image id; missing mask for a good image = all good), pixel AUROC."""
     refs = [(ref, 0) for ref in good] + [(ref, 1) for ref in bad]
-    size = ensemble.config.image_size
+    size = ensemble.input_size
     scores: list[ImageScore] = []
     pixel_maps: list[np.ndarray] = []
     pixel_masks: list[np.ndarray] = []

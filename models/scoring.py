@@ -30,14 +30,15 @@ def reweighted_image_scores(
     patches: np.ndarray,
     scores: np.ndarray,
     nearest: np.ndarray,
-    k: int,
+    b: int,
 ) -> np.ndarray:
     """Image scores of PatchCore eq. 7 for a batch.
 
     With ``m_test*`` an image's patch of maximal score ``s*`` and ``m*`` its nearest bank entry,
-    ``s = (1 - exp‖m_test* - m*‖ / Σ_{m ∈ N_k(m*)} exp‖m_test* - m‖) · s*``, where ``N_k(m*)`` are the ``k``
+    ``s = (1 - exp‖m_test* - m*‖ / Σ_{m ∈ N_b(m*)} exp‖m_test* - m‖) · s*``, where ``N_b(m*)`` are the ``b``
     bank entries nearest to ``m*`` (``m*`` among them). The weight grows when ``m*`` sits in a sparse region
-    of the bank, i.e. when the closest nominal patch is itself unusual.
+    of the bank, i.e. when the closest nominal patch is itself unusual. ``b`` is its own parameter, not the
+    scoring ``k``: with one neighbour the softmax is 1 and every image would score 0.
 
     Args:
         patches: (n_images, n_patches, embed_dim); scores, nearest: (n_images, n_patches).
@@ -50,7 +51,7 @@ def reweighted_image_scores(
     s_star = scores[rows, worst].astype(np.float64)
     test_patch = patches[rows, worst]  # m_test*, (n_images, embed_dim)
     m_star = bank.vectors[nearest[rows, worst]]
-    _, support = bank.search(m_star, k)  # N_k(m*), (n_images, k)
+    _, support = bank.search(m_star, min(b, bank.n_entries))  # N_b(m*), (n_images, b)
     distances = np.linalg.norm(bank.vectors[support] - test_patch[:, None, :], axis=2).astype(np.float64)
     shifted = np.exp(distances - distances.max(axis=1, keepdims=True))  # stable softmax
     weight = 1.0 - shifted[:, 0] / shifted.sum(axis=1)
@@ -94,7 +95,7 @@ def score_patches(bank: MemoryBank, patches: np.ndarray, config: PatchCoreConfig
     scores = scores.reshape(n_images, n_patches)
     nearest = nearest.reshape(n_images, n_patches)
     if config.reweight:
-        image_scores = reweighted_image_scores(bank, patches, scores, nearest, config.k)
+        image_scores = reweighted_image_scores(bank, patches, scores, nearest, config.reweight_neighbours)
     else:
         image_scores = scores.max(axis=1).astype(np.float64)
     return image_scores, scores

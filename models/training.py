@@ -191,8 +191,20 @@ def build_fold(features: FeatureSet, index: int, config: PatchCoreConfig) -> Fol
             for b in range(0, len(validation_ids), config.batch_size)
         ]
     )
+    if len(scores) > 1 and float(np.ptp(scores)) == 0.0:
+        raise ConfigError(
+            f"fold {index}: every validation image scores exactly {scores[0]:.6g}; this config cannot tell images "
+            "apart (check k, reweight_neighbours and coreset_ratio)"
+        )
     logger.info("fold %d: bank %d, coreset %.1fs, threshold %.4f", index, bank.n_entries, coreset_s, scores.max())
-    return Fold(index, tuple(train_ids), tuple(validation_ids), float(scores.max()), bank)
+    return Fold(
+        index,
+        tuple(train_ids),
+        tuple(validation_ids),
+        float(scores.max()),
+        bank,
+        validation_scores=tuple(float(x) for x in scores),
+    )
 
 
 def assemble_ensemble(

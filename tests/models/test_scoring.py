@@ -77,3 +77,46 @@ def test_anomaly_maps_equal_upsampling_then_gaussian_blur():
     upsampled = torch.nn.functional.interpolate(grid[:, None], size=(96, 96), mode="bilinear", align_corners=False)
     expected = gaussian_blur(upsampled, kernel_size=[33, 33], sigma=[4.0, 4.0])[:, 0]
     torch.testing.assert_close(anomaly_maps(grid, 96, sigma=4.0), expected, rtol=0, atol=1e-5)
+
+
+def test_eq7_neighbourhood_is_its_own_parameter(bank_and_queries):
+    """With k=1 the old code took eq. 7's neighbourhood from k: a softmax over one entry, every score 0."""
+    from models.config import PatchCoreConfig
+    from models.scoring import score_patches
+
+    bank, queries = bank_and_queries
+    patches = queries.reshape(2, 25, 24)
+    scores, _ = score_patches(bank, patches, PatchCoreConfig(k=1))
+    assert (scores > 0).all()
+    assert scores[0] != scores[1]
+
+
+def test_a_one_entry_eq7_neighbourhood_is_refused():
+    from models.config import PatchCoreConfig
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reweight_neighbours=1"):
+        PatchCoreConfig(reweight_neighbours=1)
+
+
+def test_a_config_that_scores_every_image_alike_is_refused_at_training():
+    from models.config import PatchCoreConfig
+    from models.errors import ConfigError
+    from models.training import FeatureSet, build_fold
+
+    ids = [f"img{i}" for i in range(10)]
+    features = np.ones((10, 4, 8), dtype=np.float16)  # every patch of every image identical
+    feature_set = FeatureSet(ids, ["0" * 64] * 10, features, (2, 2))
+    with pytest.raises(ConfigError, match="every validation image scores exactly"):
+        build_fold(feature_set, 0, PatchCoreConfig(folds=2, coreset_ratio=0.5))
+
+
+def test_models_saved_before_eq7_had_its_own_neighbourhood_score_as_before():
+    from models.config import PatchCoreConfig
+
+    old = {
+        k: v for k, v in PatchCoreConfig(k=3).to_dict().items() if k not in ("reweight_neighbours", "threshold_rule")
+    }
+    restored = PatchCoreConfig.from_dict(old)
+    assert restored.reweight_neighbours == 3
+    assert restored.threshold_rule == "fold_max"
