@@ -207,7 +207,10 @@ def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, qu
     }
 
 
-HEADER = "| set | candidate | image AUROC | F1 @ threshold | best F1 | false alarms | pixel AUROC | train s | score ms/img | bank/fold |"
+HEADER = (
+    "| set | candidate | image AUROC | F1 @ threshold | best F1 | false alarms | pixel AUROC | train s "
+    "| score ms/img | bank/fold |"
+)
 
 
 def markdown_row(row: dict[str, Any]) -> str:
