@@ -151,7 +151,7 @@ def score_batch(
         chunk = options.model_chunk or _default_model_chunk(loaded, len(work))
         threads = max(1, min(options.fetch_threads, len(work)))
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch") as pool:
-            size = loaded.ensemble.config.image_size
+            size = loaded.ensemble.input_size
             fetches = [pool.submit(_fetch_and_decode, item, store, options, size) for item in work]
             uploads: list[tuple[_Fetched, ImageScore, Future[str | TransientError | None]]] = []
             for begin in range(0, len(work), chunk):
