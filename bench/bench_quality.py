@@ -36,7 +36,7 @@ from bench.deeppcb import deeppcb_split
 from bench.magnetic_tile import MagneticTileSplit, magnetic_tile_split, subsample
 from models import PatchCoreConfig
 from models.datasets import ImageRef
-from models.ensemble import FoldEnsemble
+from models.ensemble import FoldEnsemble, ensemble_threshold
 from models.evaluation import image_metrics, pixel_auroc
 from models.features import PatchFeatureExtractor
 from models.images import load_image_file
@@ -63,6 +63,19 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
     "original": {"coreset_ratio": 0.01, "threshold_rule": "fold_max", "reweight_neighbours": 5},
 }
+
+
+#: Threshold rules evaluated on every candidate's scores (JSON only): (rule, target false-alarm rate).
+RULE_SWEEP = (
+    ("fold_max", 0.01),
+    ("percentile", 0.01),
+    ("percentile", 0.02),
+    ("percentile", 0.05),
+    ("gpd", 0.005),
+    ("gpd", 0.01),
+    ("gpd", 0.02),
+    ("gpd", 0.05),
+)
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -191,6 +204,16 @@ def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, qu
     refs = split.test_good + split.test_bad
     pixel = pixel_auroc(maps, load_masks(refs, split.masks, size))
     n_test = len(test_ids)
+    pooled = np.array([x for fold in ensemble.folds for x in fold.validation_scores])
+    rules = {}
+    for rule, rate in RULE_SWEEP:
+        threshold = ensemble_threshold(ensemble.folds, config.replace(threshold_rule=rule, false_alarm_rate=rate))
+        swept = image_metrics(scores_array, labels, threshold)
+        rules[f"{rule}@{rate}"] = {
+            "f1": swept["f1"],
+            "false_alarm_rate": float((scores_array[:n_good] > threshold).mean()),
+            "threshold": threshold,
+        }
     return {
         "set": data.name,
         "candidate": name,
@@ -204,6 +227,9 @@ def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, qu
         "score_ms": (test_s + bank_score_s) / n_test * 1000,
         "bank": sum(f.bank.n_entries for f in ensemble.folds) // len(ensemble.folds),
         "config": {k: v for k, v in config.to_dict().items() if k != "extra"},
+        "rules": rules,
+        "validation_scores": pooled.tolist(),
+        "test_scores": scores_array.tolist(),
     }
 
 

@@ -12,6 +12,7 @@ from worker.cli import model_cmds as _model_cmds  # noqa: F401  (registers train
 from worker.cli import model_cmds_registry as _registry_cmds  # noqa: F401  (label/models/retrain/beat/rescore)
 from worker.cli import pipeline_cmds as _pipeline_cmds  # noqa: F401  (registers worker/demo)
 from worker.cli import report_cmds as _report_cmds  # noqa: F401  (registers report/status)
+from worker.cli import tune_cmds as _tune_cmds  # noqa: F401  (registers tune)
 from worker.cli.root import app, main
 
 __all__ = ["app", "main"]
