@@ -167,17 +167,6 @@ def load_masks(refs: list[ImageRef], masks: dict[str, Path], size: int) -> list[
     return out
 
 
-def f1_optimal(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The best F1 any threshold reaches on these labels (a reference, never a product setting)."""
-    order = np.argsort(-scores)
-    truth = labels[order]
-    tp = np.cumsum(truth)
-    fp = np.cumsum(1 - truth)
-    fn = truth.sum() - tp
-    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-    return float(f1.max())
-
-
 def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, quick: bool) -> dict[str, Any]:
     train, test, test_ids, extract_s, test_s = cached_features(config, data, quick)
     started = time.perf_counter()
@@ -219,7 +208,7 @@ def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, qu
         "candidate": name,
         "image_auroc": metrics["image_auroc"],
         "f1": metrics["f1"],
-        "f1_best": f1_optimal(scores_array, labels),
+        "f1_best": metrics["best_f1"],
         "recall": metrics["recall"],
         "false_alarm_rate": float((scores_array[:n_good] > ensemble.threshold).mean()),
         "pixel_auroc": pixel,

@@ -23,6 +23,13 @@ class DetectionReport:
     f1: float  # anomalous class, at the model's own threshold
     precision: float
     recall: float
+    false_alarm_rate: float = float("nan")  # share of the good images flagged at the model's threshold
+    true_positives: int = 0
+    false_positives: int = 0
+    true_negatives: int = 0
+    false_negatives: int = 0
+    best_f1: float = float("nan")  # the F1 the best threshold for these labels would reach (reference only)
+    best_threshold: float = float("nan")
     pixel_auroc: float | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
@@ -35,12 +42,43 @@ def image_metrics(scores: Sequence[float], labels: Sequence[int], threshold: flo
     y_score = np.asarray(scores, dtype=np.float64)
     y_pred = (y_score > threshold).astype(int)
     both = len(set(y_true.tolist())) == 2
+    best_f1, best_threshold = f1_optimal_threshold(y_score, y_true)
+    good = y_true == 0
     return {
         "image_auroc": float(roc_auc_score(y_true, y_score)) if both else float("nan"),
         "f1": float(f1_score(y_true, y_pred, zero_division=0)),
         "precision": float(precision_score(y_true, y_pred, zero_division=0)),
         "recall": float(recall_score(y_true, y_pred, zero_division=0)),
+        "false_alarm_rate": float(y_pred[good].mean()) if good.any() else float("nan"),
+        "true_positives": int(((y_pred == 1) & (y_true == 1)).sum()),
+        "false_positives": int(((y_pred == 1) & good).sum()),
+        "true_negatives": int(((y_pred == 0) & good).sum()),
+        "false_negatives": int(((y_pred == 0) & (y_true == 1)).sum()),
+        "best_f1": best_f1,
+        "best_threshold": best_threshold,
     }
+
+
+def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(best F1, its threshold) over every cut between sorted scores, flagging ``score > threshold``.
+
+    It needs the test labels, so it is a reference for judging a threshold rule, never a product setting.
+    The threshold returned is midway between the last flagged score and the next one down.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=int)
+    if not labels.any() or scores.size == 0:
+        return float("nan"), float("nan")
+    order = np.argsort(-scores, kind="stable")
+    ranked, truth = scores[order], labels[order]
+    tp = np.cumsum(truth)
+    fp = np.cumsum(1 - truth)
+    f1 = 2 * tp / (2 * tp + fp + (truth.sum() - tp))
+    distinct = np.append(ranked[1:] < ranked[:-1], True)  # cut only between different scores
+    f1 = np.where(distinct, f1, -1.0)
+    best = int(np.argmax(f1))
+    below = ranked[best + 1] if best + 1 < ranked.size else ranked[best] - 1.0
+    return float(f1[best]), float((ranked[best] + below) / 2)
 
 
 def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, max_pixels: int = 20_000_000) -> float:

@@ -120,3 +120,21 @@ def test_models_saved_before_eq7_had_its_own_neighbourhood_score_as_before():
     restored = PatchCoreConfig.from_dict(old)
     assert restored.reweight_neighbours == 3
     assert restored.threshold_rule == "fold_max"
+
+
+def test_f1_optimal_threshold_matches_a_brute_force_search():
+    from sklearn.metrics import f1_score
+
+    from models.evaluation import f1_optimal_threshold, image_metrics
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 60)
+    scores = rng.normal(size=60) + labels * 0.8
+    scores[5] = scores[6]  # a tie: no cut may split it
+    best, threshold = f1_optimal_threshold(scores, labels)
+    brute = max(f1_score(labels, (scores > t).astype(int)) for t in np.append(scores, scores.min() - 1))
+    assert best == pytest.approx(brute)
+    assert f1_score(labels, (scores > threshold).astype(int)) == pytest.approx(best)
+    metrics = image_metrics(scores, labels, threshold)
+    assert metrics["true_positives"] + metrics["false_negatives"] == labels.sum()
+    assert metrics["false_alarm_rate"] == pytest.approx(metrics["false_positives"] / (labels == 0).sum())
