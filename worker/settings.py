@@ -146,6 +146,8 @@ class Settings(BaseSettings):
 
     # --- results database and broker -------------------------------------------------------------
     database_url: str = "sqlite:///var/waferwatch.db"
+    # `waferwatch report sql` connects here: a read-only role (`waferwatch db create-reader`); None: database_url
+    report_database_url: str | None = None
     broker_url: str = "filesystem://"
     broker_dir: Path = Path("var/broker")
     redis_visibility_timeout_s: int = Field(7200, ge=60)
@@ -233,6 +235,11 @@ class Settings(BaseSettings):
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"database_url must be SQLite or PostgreSQL, got backend {backend!r}")
         return value
+
+    @field_validator("report_database_url")
+    @classmethod
+    def _check_report_database_url(cls, value: str | None) -> str | None:
+        return None if value is None or not value.strip() else normalize_database_url(value)
 
     @field_validator("broker_url")
     @classmethod
