@@ -357,7 +357,9 @@ def iter_folder_files(root: Path, prefix: str = "") -> Iterator[tuple[str, os.st
     found: list[tuple[str, os.stat_result]] = []
     links: list[str] = []
     try:
-        for dirpath, dirnames, filenames in os.walk(start):  # followlinks=False: linked directories stay out
+        # followlinks=False: linked directories stay out; an unreadable folder is named in the log, not skipped
+        # in silence (raising would stop every listing over one bad folder)
+        for dirpath, dirnames, filenames in os.walk(start, onerror=_log_walk_error):
             base = Path(dirpath)
             links += [(base / d).relative_to(root).as_posix() for d in dirnames if (base / d).is_symlink()]
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -387,6 +389,10 @@ def iter_folder_files(root: Path, prefix: str = "") -> Iterator[tuple[str, os.st
         )
     found.sort(key=lambda item: item[0])
     yield from found
+
+
+def _log_walk_error(exc: OSError) -> None:
+    logger.warning("folder store: cannot list %s (%s); its files are not seen until this is fixed", exc.filename, exc)
 
 
 def _plain_directory_below(root: Path, path: Path) -> bool:
