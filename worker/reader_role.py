@@ -16,7 +16,7 @@ the role it connects as is more than a reader.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 from psycopg import sql
@@ -49,8 +49,9 @@ def _libpq_url(url: str) -> str:
 def create_reader_role(url: str, *, name: str = DEFAULT_READER_ROLE, password: str | None = None) -> str:
     """Create (or reset) the reader role ``name`` on the database of ``url``; returns the schema granted.
 
-    ``url`` must connect as a role that may create roles and grant on our tables (the application or an
-    administrator); default privileges are set for that role, so tables it creates later are readable too.
+    ``url`` must connect as a role that may create roles and grant on our tables (an administrator, or the
+    application's role if it may create roles); default privileges are set for that role and for the owners
+    of our tables, so tables a later migration creates are readable too.
 
     Raises:
         ValueError: ``name`` is not a plain lower-case identifier, or ``url`` is not PostgreSQL.
@@ -83,16 +84,30 @@ def create_reader_role(url: str, *, name: str = DEFAULT_READER_ROLE, password: s
             connection.execute(
                 sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(sql.Identifier(schema), role)
             )
-            connection.execute(
-                sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(
-                    sql.Identifier(schema), role
+            for owner in _table_owners(connection, schema):
+                connection.execute(
+                    sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(
+                        sql.Identifier(owner), sql.Identifier(schema), role
+                    )
                 )
-            )
             connection.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(role))
     warnings = privilege_warnings(url, role=name)
     if warnings:
         raise PermissionError(f"reader role {name!r} is not read-only: {'; '.join(warnings)}")
     return schema
+
+
+def _table_owners(connection: psycopg.Connection[Any], schema: str) -> list[str]:
+    """The roles whose future tables the reader should see: the current role and the owners of our tables
+    and views (those the current role may act for; a superuser may for all, e.g. the app role that runs
+    the migrations)."""
+    rows = connection.execute(
+        "SELECT owner FROM (SELECT tableowner AS owner FROM pg_tables WHERE schemaname = %s "
+        "UNION SELECT viewowner FROM pg_views WHERE schemaname = %s UNION SELECT current_user) o "
+        "WHERE pg_has_role(current_user, owner, 'USAGE') ORDER BY owner",
+        (schema, schema),
+    ).fetchall()
+    return [str(row[0]) for row in rows]
 
 
 def privilege_warnings(url: str, *, role: str | None = None) -> list[str]:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -176,3 +176,50 @@ def test_create_reader_makes_a_role_that_can_only_read(pg_url: str, reader_role:
     assert "warning" not in as_reader.stderr
     assert as_superuser.returncode == 0, as_superuser.stderr
     assert "more than a reader" in as_superuser.stderr and "create-reader" in as_superuser.stderr
+
+
+@pytest.fixture
+def app_database(pg_admin_url: str, pg_database_factory: Callable[[], str]) -> Iterator[tuple[str, str, str]]:
+    """A database owned by a fresh non-superuser app role: (superuser URL, app URL, reader role name)."""
+    suffix = uuid.uuid4().hex[:10]
+    app_role, reader = f"ww_app_{suffix}", f"ww_reader_{suffix}"
+    admin_url = pg_database_factory()
+    database = make_url(admin_url).database
+    with psycopg.connect(_libpq(pg_admin_url), autocommit=True) as connection:
+        connection.execute(f'CREATE ROLE "{app_role}" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE')
+        connection.execute(f'ALTER DATABASE "{database}" OWNER TO "{app_role}"')
+    app_url = make_url(admin_url).set(username=app_role).render_as_string(hide_password=False)
+    yield admin_url, app_url, reader
+    with psycopg.connect(_libpq(pg_admin_url), autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        for role in (reader, app_role):
+            connection.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_the_app_migrates_as_a_non_superuser_and_the_reader_sees_later_tables(
+    app_database: tuple[str, str, str],
+) -> None:
+    admin_url, app_url, reader = app_database
+
+    migrated = _cli("db", "upgrade", "--url", app_url)
+    created = _cli("db", "create-reader", "--url", admin_url, "--name", reader)
+
+    assert migrated.returncode == 0, migrated.stderr
+    assert created.returncode == 0, created.stderr
+    with psycopg.connect(_libpq(app_url), autocommit=True) as connection:
+        connection.execute("CREATE TABLE later_table (x integer)")  # what a later migration would do
+        connection.execute("INSERT INTO later_table VALUES (7)")
+    with psycopg.connect(_libpq(admin_url, username=reader), autocommit=True) as connection:
+        assert connection.execute("SELECT x FROM later_table").fetchall() == [(7,)]
+        assert connection.execute("SELECT count(*) FROM images").fetchone() == (0,)
+    as_reader = _cli(
+        "report",
+        "sql",
+        "SELECT x FROM later_table",
+        "-f",
+        "csv",
+        env={"WAFERWATCH_REPORT_DATABASE_URL": make_url(admin_url).set(username=reader).render_as_string(False)},
+    )
+    assert as_reader.returncode == 0, as_reader.stderr
+    assert as_reader.stdout.splitlines() == ["x", "7"]
+    assert "warning" not in as_reader.stderr
