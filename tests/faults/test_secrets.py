@@ -140,3 +140,28 @@ def test_config_command_prints_no_secret() -> None:
     values = json.loads(result.stdout)
     assert values["broker_url"] == f"sentinel://:{M}@s1:26379;sentinel://:{M}@s2:26379"
     assert values["sqs_queue_url"] == PRESIGNED_SQS_MASKED
+
+
+def test_sqs_source_errors_do_not_carry_the_queue_url_signature(closed_port_url: str) -> None:
+    import boto3
+    from botocore.config import Config
+
+    from worker.errors import QueueUnavailableError
+    from worker.sources.sqs import SqsSource
+
+    queue_url = f"{closed_port_url}/123456789012/wafer-events?X-Amz-Credential=AKIALEAK&X-Amz-Signature=SIGLEAK"
+    client = boto3.client(
+        "sqs",
+        endpoint_url=closed_port_url,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=Config(connect_timeout=1, retries={"max_attempts": 1}),
+    )
+    source = SqsSource(queue_url, client=client, submit=lambda events: None, wait_time_s=0)
+
+    with pytest.raises(QueueUnavailableError) as caught:
+        source.poll_once()
+
+    assert "wafer-events" in str(caught.value)
+    assert "AKIALEAK" not in str(caught.value) and "SIGLEAK" not in str(caught.value)
