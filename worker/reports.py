@@ -7,7 +7,9 @@ is refused rather than silently ignored. Results are plain columns and rows with
 (dates, timezone-aware datetimes, floats, bools) on both backends, so the CLI and
 :mod:`worker.report_html` format them without knowing the database.
 
-:func:`run_read_only_sql` runs one statement typed by a person, guarded by the database itself:
+:func:`run_read_only_sql` runs one statement typed by a person. It is parsed first
+(:mod:`worker.sql_guard`: one SELECT, nothing that writes, no ``COPY``, no server-file, program or admin
+function), then run under the database's own guard:
 PostgreSQL runs it in a ``READ ONLY`` transaction as a server-side prepared statement (which refuses
 several statements in one string, so ``COMMIT; DELETE …`` cannot escape the transaction), with a
 statement timeout; SQLite runs it with ``PRAGMA query_only`` and an authorizer that denies every
@@ -32,6 +34,8 @@ from decimal import Decimal
 from typing import Any, Final, Literal
 
 from sqlalchemy import Connection, pool, text
+
+from worker.sql_guard import refusal_reason
 
 __all__ = [
     "REPORTS",
@@ -502,6 +506,10 @@ def run_read_only_sql(
     if not statement:
         raise ValueError("no SQL given")
     engine = make_engine(url, sqlite_begin="DEFERRED", poolclass=pool.NullPool)
+    reason = refusal_reason(statement, engine.dialect.name)
+    if reason is not None:
+        engine.dispose()
+        raise ReadOnlyViolationError(f"refused: `report sql` only reads, and {reason}")
     try:
         with engine.connect() as connection:
             try:

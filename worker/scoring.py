@@ -153,7 +153,7 @@ def score_batch(
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch") as pool:
             size = loaded.ensemble.input_size
             fetches = [pool.submit(_fetch_and_decode, item, store, options, size) for item in work]
-            uploads: list[tuple[_Fetched, ImageScore, Future[str | TransientError | None]]] = []
+            uploads: list[tuple[_Fetched, ImageScore, Future[str | TransientError | PermanentError | None]]] = []
             for begin in range(0, len(work), chunk):
                 ready = _collect(work[begin : begin + chunk], fetches[begin : begin + chunk], session_factory, result)
                 transient.extend(error for error in ready if isinstance(error, TransientError))
@@ -293,7 +293,7 @@ def _score(
 
 def _write_heatmap(
     item: _Fetched, score: ImageScore, version: str, store: ObjectStore, options: ScoringOptions
-) -> str | TransientError | None:
+) -> str | TransientError | PermanentError | None:
     """Encode and upload one overlay (on the thread pool: PNG encoding releases the GIL)."""
     if score.anomaly_map is None or (options.heatmaps == "anomalous" and not score.is_anomalous):
         return None
@@ -304,12 +304,14 @@ def _write_heatmap(
         store.put(key, png, content_type="image/png")
     except TransientError as exc:
         return exc
+    except PermanentError as exc:  # e.g. a folder store name over the length limit: retrying cannot help
+        return BadObjectError(f"the heatmap of this image cannot be stored at {key!r}: {exc}")
     metrics.observe_stage("heatmap", time.perf_counter() - started)
     return key
 
 
 def _persist(
-    finished: list[tuple[_Fetched, ImageScore, str | TransientError | None]],
+    finished: list[tuple[_Fetched, ImageScore, str | TransientError | PermanentError | None]],
     session_factory: sessionmaker[Session],
     version: str,
     result: BatchResult,
@@ -322,6 +324,8 @@ def _persist(
         if isinstance(key, TransientError):
             transient.append(key)
             result.retry.append(item.work.image_id)
+        elif isinstance(key, PermanentError):
+            _record_permanent(session_factory, item.work, key, result)
         else:
             rows.append((item, score, key))
     if not rows:

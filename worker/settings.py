@@ -15,7 +15,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,7 +41,11 @@ DEFAULT_KEY_METADATA_REGEX = (
 )
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "secret", "token", "access_key", "secret_key"})
+# A query/fragment parameter is secret when its name contains one of these (case-insensitive); see mask_url.
+_SECRET_PARAMETER = re.compile(r"pass|pwd|token|signature|^sig$|credential|secret|key|auth", re.IGNORECASE)
+# Where one setting holds several URLs (kombu: "sentinel://:pw@h1:26379;sentinel://:pw@h2:26379").
+_HOSTS_AFTER_AT = re.compile(r"[\w.\-%\[\]:,~]*(?=[/?#]|$)")
+_MULTI_URL_SPLIT = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.\-]*://)")
 _REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
 
 
@@ -59,28 +63,60 @@ def normalize_database_url(url: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with its password (user-info or a secret-looking query parameter) replaced by ``***``.
+    """Return ``url`` with every secret in it replaced by ``***``; strings that are not URLs are unchanged.
 
-    Strings that are not URLs are returned unchanged, so this is safe to apply to any setting.
+    The rule, so that a new kind of secret needs no new code: the password of the user-info, and the value
+    of every query or fragment parameter whose name contains ``pass``, ``pwd``, ``token``, ``signature``,
+    ``credential``, ``secret``, ``key`` or ``auth``, or is ``sig`` (``sslpassword``, ``X-Amz-Signature``,
+    ``X-Amz-Credential``, ``X-Amz-Security-Token``, ``access_token``, ``sig`` of an Azure SAS ...), in every
+    URL of a multi-host string (kombu's ``sentinel://:pw@h1;sentinel://:pw@h2``). A user-info password
+    containing ``@``, ``/``, ``?`` or ``#`` unencoded is still masked whole; when in doubt more is masked,
+    never less. Everything else is kept byte for byte, so the result still shows which host and database a
+    setting points at.
     """
     if "://" not in url:
         return url
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:{MASK}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() in _SECRET_QUERY_KEYS for key, _ in pairs):
-            masked = [(key, MASK if key.lower() in _SECRET_QUERY_KEYS else value) for key, value in pairs]
-            query = urlencode(masked, safe="*")
-    if netloc == parts.netloc and query == parts.query:
+    return ";".join(_mask_one_url(part) for part in _MULTI_URL_SPLIT.split(url))
+
+
+def _mask_one_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    ats = [index for index, char in enumerate(rest) if char == "@"]
+    if ats:
+        # The user-info ends at the last "@" that is followed by a host list (then /, ?, # or the end):
+        # passwords with unencoded "@", "/", "?" or "#" stay inside it; a query "@" at worst masks more.
+        at = next((index for index in reversed(ats) if _HOSTS_AFTER_AT.match(rest, index + 1)), ats[-1])
+        userinfo, tail = rest[:at], rest[at:]
+        if ":" in userinfo:
+            userinfo = f"{userinfo.split(':', 1)[0]}:{MASK}"
+    else:
+        userinfo, tail = "", rest
+    tail = _mask_parameters(tail)
+    return f"{scheme}://{userinfo}{tail}"
+
+
+def _mask_parameters(tail: str) -> str:
+    """Mask secret-named parameters of the query (after the first ``?``) and of the fragment (after ``#``)."""
+    before_fragment, hash_sign, fragment = tail.partition("#")
+    location, question, query = before_fragment.partition("?")
+    if question:
+        query = _mask_pairs(query)
+    if hash_sign and "=" in fragment:
+        fragment = _mask_pairs(fragment)
+    return f"{location}{question}{query}{hash_sign}{fragment}"
+
+
+def _mask_pairs(pairs: str) -> str:
+    masked = []
+    for pair in pairs.split("&"):
+        name, equals, _value = pair.partition("=")
+        if equals and _SECRET_PARAMETER.search(unquote_plus(name)):
+            masked.append(f"{name}={MASK}")
+        else:
+            masked.append(pair)
+    return "&".join(masked)
 
 
 def compile_key_metadata_regex(pattern: str) -> re.Pattern[str]:
@@ -146,6 +182,8 @@ class Settings(BaseSettings):
 
     # --- results database and broker -------------------------------------------------------------
     database_url: str = "sqlite:///var/waferwatch.db"
+    # `waferwatch report sql` connects here: a read-only role (`waferwatch db create-reader`); None: database_url
+    report_database_url: str | None = None
     broker_url: str = "filesystem://"
     broker_dir: Path = Path("var/broker")
     redis_visibility_timeout_s: int = Field(7200, ge=60)
@@ -233,6 +271,11 @@ class Settings(BaseSettings):
         if backend not in ("sqlite", "postgresql"):
             raise ValueError(f"database_url must be SQLite or PostgreSQL, got backend {backend!r}")
         return value
+
+    @field_validator("report_database_url")
+    @classmethod
+    def _check_report_database_url(cls, value: str | None) -> str | None:
+        return None if value is None or not value.strip() else normalize_database_url(value)
 
     @field_validator("broker_url")
     @classmethod

@@ -15,15 +15,19 @@ same ``images`` uniqueness rule (bucket, key, etag) work on both.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import logging
 import os
+import stat as stat_module
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import boto3
 from botocore.config import Config
@@ -35,6 +39,8 @@ from worker.errors import (
     StorageUnavailableError,
     WaferwatchError,
 )
+
+logger = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES: tuple[str, ...] = (".tmp", ".part")
 """File name endings of half-written files that must never be treated as objects."""
@@ -316,6 +322,16 @@ def _translate(action: str, where: str, exc: BotoCoreError | ClientError | OSErr
 
 # ----------------------------------------------------------------------- folder
 
+_NAME_MAX_FALLBACK = 255
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+# Errors that say "this key can never be a file here": recorded as a permanent failure, never retried.
+# Everything else (EACCES, ENOSPC, EIO, ESTALE, EROFS, an unmounted share ...) is the operator's to fix,
+# so it is transient and the task retries, as for an S3 server that is down.
+_PERMANENT_ERRNOS = frozenset(
+    {errno.ENAMETOOLONG, errno.ELOOP, errno.EILSEQ, errno.EINVAL, errno.ENOTDIR, errno.EISDIR, errno.EFBIG}
+)
+
 
 def is_ignored_name(name: str) -> bool:
     """True for hidden files and temp/partial files that an uploader is still writing."""
@@ -327,21 +343,26 @@ def iter_folder_files(root: Path, prefix: str = "") -> Iterator[tuple[str, os.st
 
     Keys are POSIX paths relative to ``root``.  Hidden directories are skipped too.
     Files that vanish during the walk are skipped (they were deleted, not broken).
-    Sorting the full key list (not walking sorted directories) gives exactly S3's
-    order, where ``a-b`` sorts before ``a/b``.
+    Symbolic links below ``root`` are skipped as well, files and directories alike: the
+    folder store never reads outside its root.  Sorting the full key list (not walking
+    sorted directories) gives exactly S3's order, where ``a-b`` sorts before ``a/b``.
     """
     if not root.is_dir():
         raise StorageUnavailableError(f"folder store root {root} is not a directory; check that the share is mounted")
     start = root
     if "/" in prefix:
         start = root / prefix.rsplit("/", 1)[0]
-        if not start.is_dir():
+        if not _plain_directory_below(root, start):
             return
     found: list[tuple[str, os.stat_result]] = []
+    links: list[str] = []
     try:
-        for dirpath, dirnames, filenames in os.walk(start):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # followlinks=False: linked directories stay out; an unreadable folder is named in the log, not skipped
+        # in silence (raising would stop every listing over one bad folder)
+        for dirpath, dirnames, filenames in os.walk(start, onerror=_log_walk_error):
             base = Path(dirpath)
+            links += [(base / d).relative_to(root).as_posix() for d in dirnames if (base / d).is_symlink()]
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
                 if is_ignored_name(name):
                     continue
@@ -350,15 +371,41 @@ def iter_folder_files(root: Path, prefix: str = "") -> Iterator[tuple[str, os.st
                 if not key.startswith(prefix):
                     continue
                 try:
-                    stat = path.stat()
+                    stat = path.lstat()
                 except FileNotFoundError:
                     continue
-                if path.is_file():
+                if stat_module.S_ISLNK(stat.st_mode):
+                    links.append(key)
+                elif stat_module.S_ISREG(stat.st_mode):
                     found.append((key, stat))
     except OSError as exc:
         raise StorageUnavailableError(f"cannot list folder store {root}: {exc}") from exc
+    if links:
+        logger.warning(
+            "folder store %s: skipped %d symbolic link(s) (%s); copy the files into the folder instead",
+            root,
+            len(links),
+            ", ".join(sorted(links)[:5]),
+        )
     found.sort(key=lambda item: item[0])
     yield from found
+
+
+def _log_walk_error(exc: OSError) -> None:
+    logger.warning("folder store: cannot list %s (%s); its files are not seen until this is fixed", exc.filename, exc)
+
+
+def _plain_directory_below(root: Path, path: Path) -> bool:
+    """Whether every component of ``path`` below ``root`` is a real directory (no symbolic link)."""
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        try:
+            if not stat_module.S_ISDIR(current.lstat().st_mode):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 class FolderStore:
@@ -372,6 +419,16 @@ class FolderStore:
     when a file is merely touched or copied, creating a new ``images`` row for
     identical bytes; MD5 keeps "same bytes = same image" on both backends.  The
     cost is bounded by caching digests per ``(key, size, mtime_ns)``.
+
+    Every read and write stays inside ``root``: paths are opened one directory at a
+    time from a descriptor of the root (``openat`` with ``O_NOFOLLOW``), so a symbolic
+    link anywhere below the root (``incoming/x.png -> /etc/shadow``, ``heatmaps ->
+    /etc``) is refused, not followed, with no window between a check and the open.
+    Only ``root`` itself may be a link (it is the operator's mount point).  Every
+    ``OSError`` becomes a domain error: a name that cannot exist on this file system
+    (too long, a symbolic link, a file where a directory should be) is permanent
+    (``BadObjectError``), so the image gets a failures row that says why; anything
+    else (permissions, a full disk, a stale share) is ``StorageUnavailableError``.
     """
 
     def __init__(self, root: Path, *, bucket: str | None = None) -> None:
@@ -379,6 +436,7 @@ class FolderStore:
         self._bucket = bucket or self._root.name
         self._etag_cache: dict[str, tuple[int, int, str]] = {}
         self._lock = threading.Lock()
+        self._name_max: int | None = None
 
     @property
     def bucket(self) -> str:
@@ -391,20 +449,17 @@ class FolderStore:
         return self._root
 
     def get(self, key: str, *, max_bytes: int, version_id: str | None = None) -> StoredObject:
-        """Read a file; the size comes from ``stat`` before any byte is read.
+        """Read a file; the size comes from ``fstat`` before any byte is read.
 
         ``version_id`` is accepted for protocol compatibility; folders keep no versions.
         """
-        path = self._path_for(key)
-        stat = self._stat(key, path)
-        _check_size(key, stat.st_size, max_bytes)
-        try:
-            with path.open("rb") as handle:
+        parts = self._parts_for(key)
+        with self._open_file(key, parts) as (handle, stat):
+            _check_size(key, stat.st_size, max_bytes)
+            try:
                 data = handle.read(max_bytes + 1)
-        except FileNotFoundError as exc:
-            raise self._missing(key) from exc
-        except OSError as exc:
-            raise StorageUnavailableError(f"cannot read {path}: {exc}; check the share, then retry") from exc
+            except OSError as exc:
+                raise self._translate("read", key, exc) from exc
         _check_size(key, len(data), max_bytes)
         etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
         if len(data) == stat.st_size:
@@ -412,45 +467,56 @@ class FolderStore:
         return StoredObject(key=key, etag=etag, version_id=None, size=len(data), data=data)
 
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> ObjectInfo:
-        """Write atomically (hidden temp file + ``os.replace``) so watchers never see partial files."""
-        path = self._path_for(key)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            tmp.replace(path)
-            stat = path.stat()
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise StorageUnavailableError(f"cannot write {path}: {exc}; check the share, then retry") from exc
+        """Write atomically (hidden temp file + ``rename`` in the same directory) so watchers never see partial
+        files; the directories are created one by one below the root, never through a link."""
+        parts = self._parts_for(key)
+        tmp = f".{uuid.uuid4().hex}.tmp"  # short: the key's own name may already be near the length limit
+        with self._directory(key, parts, create=True) as parent:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=parent)
+                try:
+                    with os.fdopen(fd, "wb", closefd=False) as handle:
+                        handle.write(data)
+                    stat = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise self._translate("write", key, exc) from exc
         etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
         self._remember(key, stat, etag)
         return ObjectInfo(key=key, etag=etag, size=len(data), last_modified=_mtime(stat))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Yield files under ``prefix`` sorted by key, skipping hidden and temp files."""
+        """Yield files under ``prefix`` sorted by key, skipping hidden and temp files and symbolic links."""
         for key, stat in iter_folder_files(self._root, prefix):
-            etag = self._etag(key, self._root / key, stat)
+            etag = self._etag(key, stat)
             if etag is None:
                 continue
             yield ObjectInfo(key=key, etag=etag, size=stat.st_size, last_modified=_mtime(stat))
 
     def head(self, key: str) -> ObjectInfo:
         """Return metadata; the MD5 is computed once per file version and cached."""
-        path = self._path_for(key)
-        stat = self._stat(key, path)
-        etag = self._etag(key, path, stat)
-        if etag is None:
-            raise self._missing(key)
+        parts = self._parts_for(key)
+        with self._open_file(key, parts) as (handle, stat):
+            etag = self._cached_etag(key, stat) or self._hash(key, handle, stat)
         return ObjectInfo(key=key, etag=etag, size=stat.st_size, last_modified=_mtime(stat))
 
     def delete(self, key: str) -> None:
-        """Remove the file; a missing file is fine, as in S3."""
-        path = self._path_for(key)
+        """Remove the file; a missing file is fine, as in S3. A link is removed itself, never its target."""
+        parts = self._parts_for(key)
         try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            raise StorageUnavailableError(f"cannot delete {path}: {exc}; check the share, then retry") from exc
+            with self._directory(key, parts, create=False) as parent:
+                try:
+                    os.unlink(parts[-1], dir_fd=parent)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise self._translate("delete", key, exc) from exc
+        except ObjectMissingError:
+            pass
         with self._lock:
             self._etag_cache.pop(key, None)
 
@@ -461,45 +527,146 @@ class FolderStore:
         except OSError as exc:
             raise StorageUnavailableError(f"cannot create folder store {self._root}: {exc}") from exc
 
-    def _path_for(self, key: str) -> Path:
-        """Resolve a key to a path, refusing keys that would escape the root."""
+    # --- paths: validated keys, directories opened one by one below the root ------------------------
+
+    def _parts_for(self, key: str) -> tuple[str, ...]:
+        """Split a key into path components, refusing keys that would escape the root or cannot be names."""
         parts = PurePosixPath(key).parts
         canonical = "/".join(parts) == key
-        if not canonical or key.startswith("/") or any(part in {"..", "."} for part in parts) or "\\" in key:
+        if (
+            not parts
+            or not canonical
+            or key.startswith("/")
+            or any(part in {"..", "."} for part in parts)
+            or "\\" in key
+            or "\x00" in key
+        ):
             raise BadObjectError(f"key {key!r} is not a valid relative POSIX path inside the folder store")
-        return self._root.joinpath(*parts)
+        name_max = self._limit_name()
+        for part in parts:
+            try:
+                size = len(os.fsencode(part))
+            except UnicodeError as exc:
+                raise BadObjectError(f"key {key!r} cannot be a file name on this system ({exc})") from exc
+            if size > name_max:
+                raise BadObjectError(
+                    f"key {key[:80]!r}... cannot be a file in the folder store {self._root}: the name "
+                    f"{part[:40]!r}... is too long ({size} bytes, above the file system's limit of {name_max}); "
+                    "shorten the file name at the source (or use S3 storage, whose keys may be 1024 bytes)"
+                )
+        return parts
 
-    def _stat(self, key: str, path: Path) -> os.stat_result:
-        """``stat`` a file, telling a missing file apart from an unmounted share."""
+    def _limit_name(self) -> int:
+        if self._name_max is None:
+            try:
+                self._name_max = int(os.pathconf(self._root, "PC_NAME_MAX"))
+            except (OSError, ValueError):
+                return _NAME_MAX_FALLBACK  # root not there yet: ask again next time
+        return self._name_max
+
+    @contextlib.contextmanager
+    def _directory(self, key: str, parts: tuple[str, ...], *, create: bool) -> Iterator[int]:
+        """A descriptor of the directory holding ``parts[-1]``, reached without following any link."""
         try:
-            stat = path.stat()
-        except FileNotFoundError as exc:
-            if not self._root.is_dir():
-                raise StorageUnavailableError(
-                    f"folder store root {self._root} is missing; check that the share is mounted"
-                ) from exc
-            raise self._missing(key) from exc
+            fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise StorageUnavailableError(f"cannot stat {path}: {exc}; check the share, then retry") from exc
-        if not path.is_file():
-            raise self._missing(key)
-        return stat
+            raise StorageUnavailableError(
+                f"folder store root {self._root} cannot be opened ({exc.strerror}); check that the share is mounted"
+            ) from exc
+        try:
+            for part in parts[:-1]:
+                if create:
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    except OSError as exc:
+                        raise self._translate("create a directory for", key, exc) from exc
+                try:
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError as exc:
+                    raise self._missing(key) from exc
+                except OSError as exc:
+                    if exc.errno == errno.ENOTDIR and _is_link(part, fd):  # Linux: O_DIRECTORY wins over ELOOP
+                        exc = OSError(errno.ELOOP, os.strerror(errno.ELOOP), part)
+                    elif exc.errno == errno.ENOTDIR and not create:
+                        raise self._missing(key) from exc  # a file where a directory would be: no such key
+                    raise self._translate("open the directory of", key, exc) from exc
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
 
-    def _etag(self, key: str, path: Path, stat: os.stat_result) -> str | None:
-        """MD5 of the file, cached per (size, mtime_ns); ``None`` if it vanished meanwhile."""
+    @contextlib.contextmanager
+    def _open_file(self, key: str, parts: tuple[str, ...]) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+        """The open regular file of ``key`` and its ``fstat`` (a link, FIFO or device is refused, not opened)."""
+        with self._directory(key, parts, create=False) as parent:
+            try:
+                fd = os.open(parts[-1], _OPEN_FLAGS, dir_fd=parent)
+            except FileNotFoundError as exc:
+                raise self._missing(key) from exc
+            except OSError as exc:
+                raise self._translate("open", key, exc) from exc
+        with os.fdopen(fd, "rb") as handle:
+            stat = os.fstat(fd)
+            if stat_module.S_ISDIR(stat.st_mode):
+                raise self._missing(key)
+            if not stat_module.S_ISREG(stat.st_mode):
+                raise BadObjectError(
+                    f"{self._bucket}/{key} is not a regular file (a FIFO, socket or device); only files are scored"
+                )
+            yield handle, stat
+
+    def _translate(self, action: str, key: str, exc: OSError) -> WaferwatchError:
+        """An ``OSError`` as the domain error a task acts on (see the class docstring)."""
+        where = f"{self._bucket}/{key} in {self._root}"
+        if exc.errno == errno.ELOOP:
+            return BadObjectError(
+                f"cannot {action} {where}: the key is, or passes through, a symbolic link; the folder store "
+                "only reads and writes inside its root, so copy the file in instead of linking it"
+            )
+        if exc.errno == errno.ENAMETOOLONG:
+            return BadObjectError(
+                f"cannot {action} {where}: the path is too long for the file system ({exc.strerror}); "
+                "shorten the file name or the folders at the source"
+            )
+        if exc.errno in _PERMANENT_ERRNOS:
+            return BadObjectError(
+                f"cannot {action} {where}: {exc.strerror or exc} ({errno.errorcode.get(exc.errno or 0, exc.errno)}); "
+                "the key cannot be a file in this folder, rename it at the source"
+            )
+        return StorageUnavailableError(f"cannot {action} {where}: {exc}; check the share, then retry")
+
+    # --- ETags ------------------------------------------------------------------------------------
+
+    def _etag(self, key: str, stat: os.stat_result) -> str | None:
+        """MD5 of a listed file, cached per (size, mtime_ns); ``None`` if it vanished or became unreadable."""
+        cached = self._cached_etag(key, stat)
+        if cached is not None:
+            return cached
+        try:
+            with self._open_file(key, self._parts_for(key)) as (handle, opened):
+                return self._hash(key, handle, opened)
+        except ObjectMissingError:
+            return None
+        except BadObjectError:
+            return None  # replaced by a link or a FIFO since the listing: not an object any more
+
+    def _cached_etag(self, key: str, stat: os.stat_result) -> str | None:
         with self._lock:
             cached = self._etag_cache.get(key)
         if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
             return cached[2]
+        return None
+
+    def _hash(self, key: str, handle: BinaryIO, stat: os.stat_result) -> str:
         digest = hashlib.md5(usedforsecurity=False)
         try:
-            with path.open("rb") as handle:
-                while chunk := handle.read(_HASH_CHUNK_BYTES):
-                    digest.update(chunk)
-        except FileNotFoundError:
-            return None
+            while chunk := handle.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
         except OSError as exc:
-            raise StorageUnavailableError(f"cannot read {path}: {exc}; check the share, then retry") from exc
+            raise self._translate("read", key, exc) from exc
         etag = digest.hexdigest()
         self._remember(key, stat, etag)
         return etag
@@ -508,10 +675,21 @@ class FolderStore:
         with self._lock:
             self._etag_cache[key] = (stat.st_size, stat.st_mtime_ns, etag)
 
-    def _missing(self, key: str) -> ObjectMissingError:
+    def _missing(self, key: str) -> WaferwatchError:
+        if not self._root.is_dir():
+            return StorageUnavailableError(
+                f"folder store root {self._root} is missing; check that the share is mounted"
+            )
         return ObjectMissingError(
             f"{self._bucket}/{key} does not exist in {self._root}; it was deleted or never written"
         )
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat_module.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _mtime(stat: os.stat_result) -> datetime:

@@ -94,3 +94,37 @@ def db_current(url: str | None = URL_OPTION) -> None:
     typer.echo(current or "base")
     if current != head:
         console.print(f"[yellow]not at head[/yellow] ({head}); run `waferwatch db upgrade`")
+
+
+@db_app.command("create-reader")
+def db_create_reader(
+    url: str | None = URL_OPTION,
+    name: str = typer.Option("waferwatch_reader", "--name", help="Name of the read-only role."),
+    password: str | None = typer.Option(
+        None,
+        "--password",
+        envvar="WAFERWATCH_READER_PASSWORD",
+        help="Login password of the role (default: WAFERWATCH_READER_PASSWORD; none: keep/no password).",
+        show_default=False,
+    ),
+) -> None:
+    """Create (or reset) the read-only PostgreSQL role that `waferwatch report sql` runs as. Safe to repeat.
+
+    The role may SELECT our tables and views and nothing else (no superuser, no server files or programs);
+    run it as the application's role after `db upgrade`, then set WAFERWATCH_REPORT_DATABASE_URL to a URL
+    that logs in as the printed role.
+    """
+    from sqlalchemy.engine import make_url
+
+    from worker.reader_role import create_reader_role
+
+    database_url = _database_url(url)
+    console.print(f"creating read-only role {name!r} on {mask_url(database_url)}")
+    try:
+        schema = create_reader_role(database_url, name=name, password=password)
+    except (ValueError, PermissionError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    reader_url = make_url(database_url).set(username=name, password=password or None)
+    console.print(f"{name} may read every table and view of schema {schema!r}; set WAFERWATCH_REPORT_DATABASE_URL to:")
+    typer.echo(mask_url(reader_url.render_as_string(hide_password=False)))

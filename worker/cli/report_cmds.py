@@ -136,16 +136,37 @@ def _emit(result: ReportResult, output_format: ReportFormat, out: Path | None) -
 @report_app.command("sql")
 def report_sql(
     query: str = typer.Argument(..., help='One SELECT statement, e.g. "SELECT * FROM v_defects_daily".'),
-    url: str | None = URL_OPTION,
+    url: str | None = typer.Option(
+        None,
+        "--url",
+        help="Database URL (default: WAFERWATCH_REPORT_DATABASE_URL, the reader role, else WAFERWATCH_DATABASE_URL).",
+    ),
     output_format: ReportFormat = FORMAT_OPTION,
     out: Path | None = OUT_OPTION,
     max_rows: int = typer.Option(10_000, "--max-rows", min=1, help="Stop after this many rows."),
     timeout_s: float = typer.Option(60.0, "--timeout", min=0.1, help="Statement timeout in seconds (PostgreSQL)."),
 ) -> None:
-    """Run one read-only query; anything that writes is refused by the database."""
+    """Run one read-only query (as WAFERWATCH_REPORT_DATABASE_URL's role); anything but a SELECT is refused."""
     if output_format is ReportFormat.HTML:
         raise typer.BadParameter("html is for named reports; use table, csv or json", param_hint="--format")
-    result = run_read_only_sql(_database_url(url), query, max_rows=max_rows, timeout_s=timeout_s)
+    import psycopg
+
+    from worker.db import normalize_database_url
+    from worker.reader_role import privilege_warnings
+
+    settings = get_settings()
+    database_url = normalize_database_url(url) if url else settings.report_database_url or settings.database_url
+    try:
+        warnings = privilege_warnings(database_url)
+    except psycopg.Error:
+        warnings = []  # unreachable or refused: the query below reports it with the database's own words
+    if warnings:
+        console.print(
+            f"[yellow]warning:[/yellow] report sql runs as a role that is more than a reader "
+            f"({'; '.join(warnings)}); create one with `waferwatch db create-reader` and set "
+            "WAFERWATCH_REPORT_DATABASE_URL to its URL"
+        )
+    result = run_read_only_sql(database_url, query, max_rows=max_rows, timeout_s=timeout_s)
     _emit(result, output_format, out)
     if result.truncated:
         console.print(f"[yellow]stopped after {max_rows} rows[/yellow] (--max-rows)")

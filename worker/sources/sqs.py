@@ -21,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.errors import BadEventError, EventSubmitError, QueueUnavailableError
 from worker.events import excerpt, parse_notification
+from worker.settings import mask_url
 from worker.sources import Submit, run_until_stopped
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class SqsSource:
         if not 0 <= wait_time_s <= 20:
             raise ValueError(f"wait_time_s must be within 0..20 (SQS long-poll limit), got {wait_time_s}")
         self.queue_url = queue_url
+        self._shown_url = mask_url(queue_url)  # for messages and logs: a presigned URL carries a signature
         self._client = client
         self._submit = submit
         self.wait_time_s = wait_time_s
@@ -94,7 +96,7 @@ class SqsSource:
 
     def run(self, stop_event: threading.Event) -> None:
         """Poll until ``stop_event`` is set; errors are logged and retried with backoff."""
-        run_until_stopped(self.poll_once, stop_event, name=f"sqs {self.queue_url}")
+        run_until_stopped(self.poll_once, stop_event, name=f"sqs {self._shown_url}")
 
     def _receive(self) -> list[dict[str, Any]]:
         try:
@@ -106,7 +108,7 @@ class SqsSource:
             )
         except (BotoCoreError, ClientError) as exc:
             raise QueueUnavailableError(
-                f"cannot receive from {self.queue_url} ({exc}); check the queue URL, endpoint and credentials"
+                f"cannot receive from {self._shown_url} ({exc}); check the queue URL, endpoint and credentials"
             ) from exc
         return list(response.get("Messages", []))
 
@@ -121,7 +123,7 @@ class SqsSource:
                 response = self._client.delete_message_batch(QueueUrl=self.queue_url, Entries=entries)
             except (BotoCoreError, ClientError) as exc:
                 raise QueueUnavailableError(
-                    f"cannot delete {len(entries)} handled messages from {self.queue_url} ({exc}); "
+                    f"cannot delete {len(entries)} handled messages from {self._shown_url} ({exc}); "
                     "they will be redelivered and submitted again (harmless duplicates)"
                 ) from exc
             for failed in response.get("Failed", []):
