@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -141,7 +142,7 @@ def runtime_layout(text: str | None = None) -> RuntimeLayout:
             for command in re.split(r"&&|;", rest):
                 words = shlex.split(command)
                 if words[:1] == ["useradd"] and words[-1] == user:
-                    for flag, value in zip(words, words[1:], strict=False):
+                    for flag, value in itertools.pairwise(words):
                         if flag in ("--uid", "-u"):
                             layout.uid = int(value)
                         if flag in ("--home-dir", "-d"):

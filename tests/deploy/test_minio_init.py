@@ -43,7 +43,7 @@ def run_minio_init(tmp_path: Path, arns: list[str], mc_program: Path = FAKE_MC) 
     script = interpolate(init["command"][0] if isinstance(init["command"], list) else init["command"], variables)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "mc").write_text(f"#!/bin/sh\nexec {sys.executable} {mc_program} \"$@\"\n")
+    (bin_dir / "mc").write_text(f'#!/bin/sh\nexec {sys.executable} {mc_program} "$@"\n')
     (bin_dir / "mc").chmod(0o755)
     env = {
         "PATH": f"{bin_dir}:/usr/bin:/bin",
