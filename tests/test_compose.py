@@ -114,8 +114,8 @@ def test_volumes_for_data(compose: dict[str, Any], services: dict[str, dict[str,
 
 def test_gpu_reservation_on_worker(services: dict[str, dict[str, Any]]) -> None:
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert _command(services["worker"])[:4] == ["waferwatch", "worker", "--queues", "score"]
+    assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
+    assert _command(services["worker"])[:4] == ["waferwatch", "worker", "--queues", "score,ingest"]
     assert _command(services["trainer"])[:4] == ["waferwatch", "worker", "--queues", "train"]
 
 
@@ -143,7 +143,8 @@ def test_minio_notifications_target_the_ingest_webhook(services: dict[str, dict[
     script = "\n".join(services["minio-init"]["command"])
     for prefix in ("incoming", "nominal", "heatmaps", "models"):
         assert prefix in script
-    assert "arn:minio:sqs::waferwatch:webhook" in script
+    assert "arn:minio:sqs::WAFERWATCH:webhook" in services["minio-init"]["environment"]["ARN"]
+    assert '"$$ARN"' in script
     assert "--prefix" in script and "--suffix" in script
     ingest = services["ingest"]
     assert _command(ingest)[:4] == ["waferwatch", "ingest", "--source", "webhook"]

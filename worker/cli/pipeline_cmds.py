@@ -86,6 +86,12 @@ def worker(
 ) -> None:
     """Start a Celery worker that scores batches (the same task code in every deployment)."""
     settings = get_settings()
+    from worker.device import device_problem
+
+    problem = device_problem(settings.device)
+    if problem:  # one line, unwrapped, before anything is consumed (a GPU worker must not score on nothing)
+        typer.echo(f"worker: {problem}", err=True)
+        raise SystemExit(1)  # not typer.Exit: main() runs click with standalone_mode=False, which returns its code
     chosen_pool, chosen_concurrency = default_pool(settings.device, queues)
     pool = pool or chosen_pool
     concurrency = concurrency or (chosen_concurrency if pool == chosen_pool else 1)
