@@ -364,9 +364,7 @@ def _print_rows(rows: list[dict[str, object]], output_format: OutputFormat, *, n
                 ]
             )
         return
-    table = identified_table(
-        "id", "score", "threshold", "decision", "fold scores", keys=[str(row["id"]) for row in rows]
-    )
+    table = identified_table("id", "score", "threshold", "decision", "fold scores")
     for row in rows:
         if "error" in row:
             table.add_row(str(row["id"]), "-", "-", f"[red]error: {row['error']}[/red]", "")
@@ -433,7 +431,7 @@ def evaluate(
     if output_format is MetricsFormat.JSON:
         sys.stdout.write(json.dumps(result.as_dict(), indent=2) + "\n")
         return
-    table = identified_table("metric", "value", keys=list(result.as_dict()))
+    table = identified_table("metric", "value")
     for key, value in result.as_dict().items():
         table.add_row(key, "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
     print_table(table)

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from worker.cli.database import require_migrated
 from worker.cli.root import app, console
 from worker.reports import (
     REPORTS,
@@ -42,6 +43,13 @@ class ReportFormat(StrEnum):
     CSV = "csv"
     JSON = "json"
     HTML = "html"
+
+
+class StatusFormat(StrEnum):
+    """Output formats of ``waferwatch status`` (no html: it is a snapshot, not a report)."""
+
+    TABLE = "table"
+    JSON = "json"
 
 
 report_app = typer.Typer(
@@ -145,7 +153,9 @@ def report_sql(
     """Run one read-only query; anything that writes is refused by the database."""
     if output_format is ReportFormat.HTML:
         raise typer.BadParameter("html is for named reports; use table, csv or json", param_hint="--format")
-    result = run_read_only_sql(_database_url(url), query, max_rows=max_rows, timeout_s=timeout_s)
+    database_url = _database_url(url)
+    require_migrated(database_url)
+    result = run_read_only_sql(database_url, query, max_rows=max_rows, timeout_s=timeout_s)
     _emit(result, output_format, out)
     if result.truncated:
         console.print(f"[yellow]stopped after {max_rows} rows[/yellow] (--max-rows)")
@@ -167,6 +177,7 @@ def _run_named(
     if every and output_format is not ReportFormat.HTML:
         raise typer.BadParameter("`all` is only for --format html; name one report", param_hint="NAME")
     names = list(REPORTS) if every else [get_report(name).name]
+    require_migrated(database_url)
     engine = make_engine(database_url, sqlite_begin="DEFERRED")
     try:
         with engine.connect() as connection:
@@ -306,11 +317,12 @@ def last_hour_counts(database_url: str, *, now: datetime | None = None) -> dict[
 @app.command("status")
 def status(
     url: str | None = URL_OPTION,
-    output_format: ReportFormat = typer.Option(ReportFormat.TABLE, "--format", "-f", help="table or json."),
+    output_format: StatusFormat = typer.Option(StatusFormat.TABLE, "--format", "-f", help="table or json."),
     ping_timeout_s: float = typer.Option(1.0, "--ping-timeout", min=0.1, help="Seconds to wait for workers."),
 ) -> None:
     """Queue depths, workers alive, the active model version and the last hour's counts."""
     settings = get_settings()
+    require_migrated(_database_url(url))
     depths = queue_depths(settings)
     workers = workers_alive(ping_timeout_s)
     counts = last_hour_counts(_database_url(url))
@@ -320,11 +332,9 @@ def status(
         "workers": workers,
         **counts,
     }
-    if output_format is ReportFormat.JSON:
+    if output_format is StatusFormat.JSON:
         typer.echo(json.dumps(report, indent=2, default=str))
         return
-    if output_format is not ReportFormat.TABLE:
-        raise typer.BadParameter("status prints a table or json", param_hint="--format")
     table = Table(title="waferwatch status", show_header=False)
     table.add_column("what", style="cyan", no_wrap=True)
     table.add_column("value", overflow="fold")

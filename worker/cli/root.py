@@ -34,20 +34,6 @@ console = Console(stderr=True)
 _state = {"debug": False}
 
 
-class _SpuriousHostnameWarning(logging.Filter):
-    """Drops kombu's "No hostname was supplied. Reverting to default 'localhost'" for transports that have no
-    host (the embedded filesystem broker, ``memory://``): the message is about a setting they do not use."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("No hostname was supplied"):
-            return True
-        try:
-            url = get_settings().broker_url
-        except Exception:  # unreadable settings are reported by the command itself
-            return True
-        return not url.startswith(("filesystem://", "memory://"))
-
-
 def _use_workdir(workdir: Path | None) -> None:
     """``--workdir DIR`` is ``WAFERWATCH_HOME=DIR``: the settings file ``DIR/.env`` (the demo writes one)."""
     if workdir is None:
@@ -78,7 +64,6 @@ def _root(
         level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("kombu.connection").addFilter(_SpuriousHostnameWarning())
     _use_workdir(workdir)
 
 
