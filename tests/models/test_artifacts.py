@@ -66,3 +66,25 @@ def test_missing_file_and_unknown_format_are_refused(saved, tmp_path):
         FoldEnsemble.load(saved, device="cpu")
     with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         FoldEnsemble.load(tmp_path / "nowhere", device="cpu")
+
+
+def test_saving_over_an_existing_model_is_refused_unless_overwrite(tile_ensemble, saved):
+    before = (saved / MANIFEST).read_bytes()
+    with pytest.raises(ArtifactError, match=r"already holds a model.*overwrite"):
+        tile_ensemble.save(saved)
+    assert (saved / MANIFEST).read_bytes() == before
+
+
+def test_overwrite_replaces_the_whole_directory(tile_ensemble, saved):
+    # What a 5-fold model written over by a 2-fold one used to leave behind: folds the new manifest does not list.
+    (saved / "fold_7.safetensors").write_bytes((saved / "fold_0.safetensors").read_bytes())
+    tile_ensemble.save(saved, overwrite=True)
+    assert sorted(p.name for p in saved.iterdir()) == sorted([MANIFEST, *(f"fold_{i}.safetensors" for i in range(5))])
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no staging or old copy left
+    FoldEnsemble.load(saved, device="cpu")
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(saved):
+    (saved / "fold_9.safetensors").write_bytes((saved / "fold_0.safetensors").read_bytes())
+    with pytest.raises(ArtifactError, match=r"fold_9\.safetensors, which manifest\.json does not list"):
+        FoldEnsemble.load(saved, device="cpu")

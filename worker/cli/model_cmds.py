@@ -102,18 +102,18 @@ def model_config(
 
 _DEFAULTS = PatchCoreConfig()
 BackboneOpt = typer.Option(
-    None, "--backbone", help=f"One of {', '.join(BACKBONES)} [default: {_DEFAULTS.backbone}].", show_default=False
+    None, "--backbone", help=f"One of {', '.join(BACKBONES)} (default: {_DEFAULTS.backbone}).", show_default=False
 )
 LayersOpt = typer.Option(None, "--layers", help="Comma-separated layers to tap (default: the backbone's).")
 WeightsOpt = typer.Option(None, "--weights", help="Weights file for torchvision backbones ('random' for timing).")
-SizeOpt = typer.Option(None, "--image-size", help=f"Input size in pixels [default: {_DEFAULTS.image_size}].")
-FoldsOpt = typer.Option(None, "--folds", help=f"Folds of the ensemble, at least 2 [default: {_DEFAULTS.folds}].")
+SizeOpt = typer.Option(None, "--image-size", help=f"Input size in pixels (default: {_DEFAULTS.image_size}).")
+FoldsOpt = typer.Option(None, "--folds", help=f"Folds of the ensemble, at least 2 (default: {_DEFAULTS.folds}).")
 RatioOpt = typer.Option(
-    None, "--coreset-ratio", help=f"Fraction of patches kept in each bank, (0, 1] [default: {_DEFAULTS.coreset_ratio}]."
+    None, "--coreset-ratio", help=f"Fraction of patches kept in each bank, (0, 1] (default: {_DEFAULTS.coreset_ratio})."
 )
-KOpt = typer.Option(None, "--k", help=f"Nearest neighbours per patch score [default: {_DEFAULTS.k}].")
-SeedOpt = typer.Option(None, "--seed", help=f"Seed of the fold split and coresets [default: {_DEFAULTS.seed}].")
-BatchOpt = typer.Option(None, "--batch-size", help=f"Images per backbone batch [default: {_DEFAULTS.batch_size}].")
+KOpt = typer.Option(None, "--k", help=f"Nearest neighbours per patch score (default: {_DEFAULTS.k}).")
+SeedOpt = typer.Option(None, "--seed", help=f"Seed of the fold split and coresets (default: {_DEFAULTS.seed}).")
+BatchOpt = typer.Option(None, "--batch-size", help=f"Images per backbone batch (default: {_DEFAULTS.batch_size}).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 SuffixOpt = typer.Option(
     None, "--suffix", help="Only files with this suffix in folders (e.g. .jpg when .png masks share the folder)."

@@ -124,7 +124,7 @@ def demo(
     workdir: Path | None = typer.Option(
         None,
         "--workdir",
-        help="Where the settings (.env), database, storage and model go [default: $WAFERWATCH_HOME or runs/demo].",
+        help="Where the settings (.env), database, storage and model go (default: $WAFERWATCH_HOME or runs/demo).",
         show_default=False,
     ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Drop only the first N test images."),
