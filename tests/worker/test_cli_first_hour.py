@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -82,8 +83,10 @@ def test_usage_errors_exit_2_and_name_the_option(tmp_path: Path) -> None:
 
 
 def test_shell_completion_is_installed(tmp_path: Path) -> None:
-    script = waferwatch("--show-completion", "bash", cwd=tmp_path)
-    assert script.returncode == 0 and "_WAFERWATCH_COMPLETE" in script.stdout
+    # Typer detects the shell from the parent process, as when a user types it in bash ("; true": no exec).
+    line = shlex.join([*WAFERWATCH, "--show-completion"]) + "; true"
+    script = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "_WAFERWATCH_COMPLETE=complete_bash" in script.stdout, script.stderr
     env = {"_WAFERWATCH_COMPLETE": "complete_bash", "COMP_WORDS": "waferwatch doc", "COMP_CWORD": "1"}
     completed = waferwatch(cwd=tmp_path, env=env)
     assert completed.returncode == 0 and completed.stdout.split() == ["doctor"]
