@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -68,23 +69,34 @@ def test_missing_file_and_unknown_format_are_refused(saved, tmp_path):
         FoldEnsemble.load(tmp_path / "nowhere", device="cpu")
 
 
-def test_saving_over_an_existing_model_is_refused_unless_overwrite(tile_ensemble, saved):
-    before = (saved / MANIFEST).read_bytes()
+@pytest.fixture
+def small_saved(pipeline_model_dir, tmp_path):
+    """A copy of the small pipeline model (20 images, 2 folds): cheap to train once, safe to modify."""
+    target = tmp_path / "small" / "model"
+    shutil.copytree(pipeline_model_dir, target)
+    return target
+
+
+def test_saving_over_an_existing_model_is_refused_unless_overwrite(small_saved):
+    ensemble = FoldEnsemble.load(small_saved, device="cpu")
+    before = (small_saved / MANIFEST).read_bytes()
     with pytest.raises(ArtifactError, match=r"already holds a model.*overwrite"):
-        tile_ensemble.save(saved)
-    assert (saved / MANIFEST).read_bytes() == before
+        ensemble.save(small_saved)
+    assert (small_saved / MANIFEST).read_bytes() == before
 
 
-def test_overwrite_replaces_the_whole_directory(tile_ensemble, saved):
+def test_overwrite_replaces_the_whole_directory(small_saved):
+    ensemble = FoldEnsemble.load(small_saved, device="cpu")
     # What a 5-fold model written over by a 2-fold one used to leave behind: folds the new manifest does not list.
-    (saved / "fold_7.safetensors").write_bytes((saved / "fold_0.safetensors").read_bytes())
-    tile_ensemble.save(saved, overwrite=True)
-    assert sorted(p.name for p in saved.iterdir()) == sorted([MANIFEST, *(f"fold_{i}.safetensors" for i in range(5))])
-    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]  # no staging or old copy left
-    FoldEnsemble.load(saved, device="cpu")
+    for stale in (2, 3, 4):
+        (small_saved / f"fold_{stale}.safetensors").write_bytes((small_saved / "fold_0.safetensors").read_bytes())
+    ensemble.save(small_saved, overwrite=True)
+    assert sorted(p.name for p in small_saved.iterdir()) == [MANIFEST, "fold_0.safetensors", "fold_1.safetensors"]
+    assert [p.name for p in small_saved.parent.iterdir()] == ["model"]  # no staging folder or old copy left
+    assert FoldEnsemble.load(small_saved, device="cpu").version == ensemble.version
 
 
-def test_a_file_the_manifest_does_not_list_is_refused(saved):
-    (saved / "fold_9.safetensors").write_bytes((saved / "fold_0.safetensors").read_bytes())
-    with pytest.raises(ArtifactError, match=r"fold_9\.safetensors, which manifest\.json does not list"):
-        FoldEnsemble.load(saved, device="cpu")
+def test_a_file_the_manifest_does_not_list_is_refused(small_saved):
+    (small_saved / "fold_4.safetensors").write_bytes((small_saved / "fold_0.safetensors").read_bytes())
+    with pytest.raises(ArtifactError, match=r"fold_4\.safetensors, which manifest\.json does not list"):
+        FoldEnsemble.load(small_saved, device="cpu")
