@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
+import uuid
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -54,9 +56,58 @@ def ensemble_version(ensemble: FoldEnsemble) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_ensemble(ensemble: FoldEnsemble, directory: Path) -> Path:
-    """Write the model directory atomically enough: files first, the manifest (which names them) last."""
-    directory.mkdir(parents=True, exist_ok=True)
+def save_ensemble(ensemble: FoldEnsemble, directory: Path, *, overwrite: bool = False) -> Path:
+    """Write the model directory atomically: into a temporary sibling, renamed into place when complete.
+
+    A directory that already holds files is refused unless ``overwrite``; then it is replaced as a whole
+    (renamed aside, the new one renamed in, the old one deleted), so no file of the old model survives
+    beside the new one and a reader sees the old model or the new one, never a mixture.
+
+    Raises:
+        ArtifactError: ``directory`` exists, is not empty and ``overwrite`` is false; or it is a file.
+    """
+    directory = Path(directory)
+    _check_replaceable(directory, overwrite=overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-new-"))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from workers running as another user
+    try:
+        _write_ensemble(ensemble, staging)
+        _move_into_place(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _check_replaceable(directory: Path, *, overwrite: bool) -> None:
+    if directory.is_file():
+        raise ArtifactError(f"{directory} is a file; a model is written to a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        what = "a model" if (directory / MANIFEST).is_file() else "files"
+        raise ArtifactError(
+            f"{directory} already holds {what}; choose a new directory or replace it with overwrite=True "
+            "(waferwatch train --overwrite)"
+        )
+
+
+def _move_into_place(staging: Path, directory: Path) -> None:
+    """Rename ``staging`` to ``directory``; an existing ``directory`` is renamed aside first, then deleted."""
+    if not directory.exists():
+        staging.replace(directory)
+        return
+    old = directory.parent / f".{directory.name}-old-{uuid.uuid4().hex[:12]}"
+    directory.replace(old)
+    try:
+        staging.replace(directory)
+    except BaseException:
+        old.replace(directory)  # put the old model back rather than leave nothing
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_ensemble(ensemble: FoldEnsemble, directory: Path) -> None:
+    """Banks first, the manifest (which names and hashes them) last, into an empty ``directory``."""
     files: dict[str, str] = {}
     folds = []
     for fold in ensemble.folds:
@@ -97,7 +148,6 @@ def save_ensemble(ensemble: FoldEnsemble, directory: Path) -> Path:
         "environment": _environment(),
     }
     _write_json_atomic(directory / MANIFEST, manifest)
-    return directory
 
 
 def save_fold(fold: Fold, directory: Path) -> list[Path]:
@@ -154,10 +204,17 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
-    """Refuse a directory whose files are missing or differ from the hashes in its manifest."""
+    """Refuse a directory whose files are missing, differ from the hashes in its manifest, or are not listed
+    in it (a model written over another one keeps the other's extra folds: a mixture that must not load)."""
     files = manifest.get("files") or {}
     if not files:
         raise ArtifactError(f"{directory / MANIFEST} lists no files")
+    unlisted = sorted(path.name for path in directory.iterdir() if path.name != MANIFEST and path.name not in files)
+    if unlisted:
+        raise ArtifactError(
+            f"{directory} holds {', '.join(unlisted)}, which {MANIFEST} does not list: the folder mixes files "
+            "of more than one model; train again into an empty folder (waferwatch train --overwrite)"
+        )
     for name, expected in sorted(files.items()):
         if Path(name).name != name:
             raise ArtifactError(f"{directory / MANIFEST} names a file outside the model directory: {name!r}")

@@ -192,10 +192,11 @@ class FoldEnsemble:
         ]
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model directory (atomically; an existing model is replaced only with ``overwrite``)."""
         from models.artifacts import save_ensemble
 
-        return save_ensemble(self, Path(directory))
+        return save_ensemble(self, Path(directory), overwrite=overwrite)
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device | None = "auto") -> FoldEnsemble:

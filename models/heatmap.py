@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+#: The colour scale of every overlay, as multiples of the threshold: below LOW nothing is painted, the
+#: threshold sits at 60% of the bar, HIGH and above are the hottest colour.
+LOW, HIGH = 0.7, 1.2
 
 # A perceptually ordered dark-blue → yellow → red ramp (sampled from "inferno"-like stops), 256 entries.
 _STOPS = np.array(
@@ -34,17 +38,65 @@ def colorize(anomaly_map: np.ndarray, *, low: float, high: float) -> Image.Image
     return Image.fromarray(_RAMP[(levels * 255).round().astype(np.uint8)], mode="RGB")
 
 
-def overlay(image: Image.Image, anomaly_map: np.ndarray, *, threshold: float, alpha: float = 0.6) -> Image.Image:
+def overlay(
+    image: Image.Image, anomaly_map: np.ndarray, *, threshold: float, alpha: float = 0.6, scale: bool = True
+) -> Image.Image:
     """The map over the image at the image's own size, on a fixed scale from 0.7× to 1.2× the threshold.
 
     Opacity follows the score, so nominal regions keep the original pixels and only what approaches or
     exceeds the threshold is painted: the eye goes to the defect, and heatmaps of different images compare.
+    With ``scale`` a colour bar is added on the right (see :func:`add_colour_scale`), so a reader can tell
+    what a colour means without knowing the convention.
     """
-    low, high = 0.7 * threshold, 1.2 * threshold
+    low, high = LOW * threshold, HIGH * threshold
     heat = colorize(anomaly_map, low=low, high=high).resize(image.size, Image.Resampling.BILINEAR)
     levels = np.clip((np.asarray(anomaly_map, dtype=np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
     mask = Image.fromarray((levels * alpha * 255).round().astype(np.uint8), mode="L")
-    return Image.composite(heat, image.convert("RGB"), mask.resize(image.size, Image.Resampling.BILINEAR))
+    blended = Image.composite(heat, image.convert("RGB"), mask.resize(image.size, Image.Resampling.BILINEAR))
+    return add_colour_scale(blended, low=low, high=high, threshold=threshold) if scale else blended
+
+
+def scale_width(height: int) -> int:
+    """Width in pixels of the colour bar and its labels beside an overlay ``height`` pixels high."""
+    return max(40, height // 5)
+
+
+def add_colour_scale(image: Image.Image, *, low: float, high: float, threshold: float) -> Image.Image:
+    """``image`` with a vertical colour bar on its right: the ramp from ``low`` (bottom) to ``high`` (top),
+    labelled with those scores and a white mark with the threshold's value where the decision flips."""
+    height = image.height
+    width = scale_width(height)
+    bar = max(6, width // 4)
+    canvas = Image.new("RGB", (image.width + width, height), (255, 255, 255))
+    canvas.paste(image, (0, 0))
+    rows = np.linspace(1.0, 0.0, height)  # top = high
+    ramp = _RAMP[(rows * 255).round().astype(np.uint8)]
+    canvas.paste(Image.fromarray(np.repeat(ramp[:, None, :], bar, axis=1), mode="RGB"), (image.width + 2, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(8, min(14, height // 16)))
+    text_x = image.width + bar + 4
+    mark = round((high - threshold) / max(high - low, 1e-12) * (height - 1))
+    draw.line([(image.width + 2, mark), (image.width + 1 + bar, mark)], fill=(255, 255, 255), width=2)
+    for value, y, anchor in ((high, 0, "la"), (threshold, mark, "lm"), (low, height - 1, "ld")):
+        draw.text((text_x, y), f"{value:.3g}", fill=(0, 0, 0), font=font, anchor=anchor)
+    return canvas
+
+
+def heatmap_png(image: Image.Image, anomaly_map: np.ndarray, *, threshold: float) -> bytes:
+    """The overlay PNG every command and the pipeline store: drawn at the anomaly map's resolution (what the
+    model saw; a larger image is first shrunk to it), with the colour scale, at zlib level 1.
+
+    Blending at the original size with default compression costs about 100 ms for a 512² image on one
+    core, as long as the model itself spends per image; at the map's size (224²) and level 1 it is about
+    15 ms and 75 kB, and shows the same information. One function, so ``score --heatmaps`` and the
+    pipeline write overlays of the same size and scale.
+    """
+    height, width = anomaly_map.shape[:2]
+    if image.width * image.height > width * height:
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    overlay(image, anomaly_map, threshold=threshold).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def overlay_png(image: Image.Image, anomaly_map: np.ndarray, *, threshold: float, alpha: float = 0.6) -> bytes:

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker import metrics
 from worker.db import dispose_engine_after_fork, make_engine, make_session_factory
+from worker.log_filters import quiet_hostless_transport_warning
 from worker.model_provider import ModelProvider
 from worker.scoring import ScoringOptions
 from worker.settings import Settings, get_settings
@@ -147,6 +148,7 @@ def create_app(settings: Settings | None = None, *, set_as_current: bool = True)
     transport_options = settings.broker_transport_options()
     if settings.broker_is_filesystem:
         transport_options.setdefault("polling_interval", 0.2)  # kombu polls the folder; default is 1 s
+        quiet_hostless_transport_warning()
     soft_limit = max(1, settings.task_time_limit_s - max(5, settings.task_time_limit_s // 20))
     app.conf.update(
         broker_url=settings.broker_url,

@@ -1,27 +1,30 @@
 """The embedded demo: the whole pipeline on one machine, no external service.
 
-Layout under ``workdir``: ``waferwatch.db`` (SQLite results), ``storage/`` (the folder that stands in for
-the bucket: ``incoming/``, ``heatmaps/``, ``models/``), ``broker/`` (kombu's filesystem broker),
-``model/`` (the trained model, reused by later runs), ``model-cache/`` and ``worker.log``.
+Layout under ``workdir``: ``.env`` (the demo's settings, so ``waferwatch --workdir DIR <command>`` and
+``WAFERWATCH_HOME=DIR`` point every other command at this database and storage), ``waferwatch.db`` (SQLite
+results), ``storage/`` (the folder that stands in for the bucket: ``incoming/``, ``heatmaps/``,
+``models/``), ``broker/`` (kombu's filesystem broker), ``model/`` (the trained model, reused by later runs
+on the same training images with the same config, retrained otherwise), ``model-cache/`` and ``worker.log``.
 
 Flow: train (or reuse) a model → publish it to ``storage/models/<version>/`` and activate it → start a
 real Celery worker as a child process (``waferwatch worker``, the same task code as production) → watch
 ``storage/incoming/`` with the folder source feeding the same :class:`~worker.ingest.Ingestor` as
 production → copy the test images in one by one → show scores as rows land in the database → print a
-summary computed by SQL. Each run starts with an empty database, storage and broker; only the model is
-kept.
+summary computed by SQL and the exact commands to look further. Each run starts with an empty database,
+storage and broker; only the model is kept.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console, Group
@@ -32,15 +35,16 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import FoldEnsemble, PatchCoreConfig
-from models.artifacts import MANIFEST
+from models.artifacts import MANIFEST, read_manifest, sha256_file
 from models.datasets import ImageRef, list_images, read_image_csv
+from models.errors import ArtifactError, ConfigError
 from worker import repository
 from worker.app import create_app, make_enqueue, make_store_from_settings, workers_idle
 from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
 from worker.ingest import build_source, make_ingestor, run_ingest
 from worker.model_provider import publish_model
 from worker.schema import Image, Inference
-from worker.settings import Settings
+from worker.settings import HOME_ENV, Settings
 
 __all__ = ["DemoError", "DemoOptions", "find_images", "run_demo"]
 
@@ -63,8 +67,7 @@ class DemoOptions:
     timeout_s: float = 600.0
     device: str = "auto"
     train_limit: int | None = None
-    coreset_ratio: float = 0.10
-    folds: int = 5
+    config: PatchCoreConfig = field(default_factory=PatchCoreConfig)  # the model defaults unless told
     batch_size: int = 8
     batch_wait_ms: int = 300
 
@@ -95,6 +98,10 @@ class DemoPaths:
     def worker_log(self) -> Path:
         return self.workdir / "worker.log"
 
+    @property
+    def settings_file(self) -> Path:
+        return self.workdir / ".env"
+
 
 def demo_settings(paths: DemoPaths, options: DemoOptions) -> tuple[Settings, dict[str, str]]:
     """The embedded settings and the same values as ``WAFERWATCH_*`` variables for the worker process."""
@@ -111,9 +118,23 @@ def demo_settings(paths: DemoPaths, options: DemoOptions) -> tuple[Settings, dic
         "watch_poll_s": "0.2",
         "model_check_interval_s": "0",
     }
-    settings = Settings(**values)  # type: ignore[arg-type]  (pydantic parses the strings)
+    settings = Settings(_env_file=None, **values)  # type: ignore[arg-type,call-arg]  (pydantic parses strings)
     env = {f"WAFERWATCH_{name.upper()}": value for name, value in values.items()}
     return settings, env
+
+
+def write_settings_file(paths: DemoPaths, env: dict[str, str]) -> Path:
+    """``workdir/.env``: the demo's settings as ``WAFERWATCH_*`` lines (absolute paths), read by every command
+    run with ``--workdir DIR``, with ``WAFERWATCH_HOME=DIR`` or from inside DIR."""
+    lines = [
+        "# Written by `waferwatch demo`: the settings of this demo's database, storage and broker.",
+        f"# Every command reads them with `waferwatch --workdir {paths.workdir} ...` or {HOME_ENV}={paths.workdir}.",
+        *(f"{name}={value}" for name, value in sorted(env.items())),
+    ]
+    temporary = paths.settings_file.with_name(".env.tmp")
+    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    temporary.replace(paths.settings_file)
+    return paths.settings_file
 
 
 def find_images(data: Path) -> tuple[list[ImageRef], list[ImageRef]]:
@@ -145,21 +166,65 @@ def find_images(data: Path) -> tuple[list[ImageRef], list[ImageRef]]:
     return train, test
 
 
+def training_fingerprint(refs: list[ImageRef]) -> dict[str, str]:
+    """``{id: sha256 of the file}`` of the training images: what a reusable model must have been trained on."""
+    return {ref.id: sha256_file(ref.path) for ref in refs}
+
+
+def reuse_problem(model_dir: Path, fingerprint: dict[str, str], config: PatchCoreConfig) -> str | None:
+    """Why the model in ``model_dir`` cannot serve these training images and config (None: it can).
+
+    The manifest lists every training image's id and sha256 (and the images left out as unreadable) and
+    the full config, so both are compared: another data folder, other images or another option retrains.
+    """
+    try:
+        manifest = read_manifest(model_dir)
+    except ArtifactError as exc:
+        return f"it cannot be read ({exc})"
+    try:
+        built_with = PatchCoreConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError, ConfigError) as exc:
+        return f"its config is not this waferwatch's ({exc})"
+    if built_with != config:
+        changed = sorted(name for name, value in config.to_dict().items() if built_with.to_dict().get(name) != value)
+        return (
+            "it was trained with another config ("
+            + ", ".join(f"{name} {built_with.to_dict().get(name)!r} → {config.to_dict()[name]!r}" for name in changed)
+            + ")"
+        )
+    trained = {image["id"]: image["sha256"] for image in manifest.get("training_images", [])}
+    left_out = {image["id"] for image in manifest.get("skipped_images", [])}
+    asked = set(fingerprint)
+    if set(trained) | left_out != asked or any(trained[i] != fingerprint[i] for i in trained if i in fingerprint):
+        differ = len(asked ^ (set(trained) | left_out)) + sum(
+            1 for i in trained if i in fingerprint and trained[i] != fingerprint[i]
+        )
+        return f"it was trained on other images ({differ} of {len(asked)} differ)"
+    return None
+
+
 def prepare_model(paths: DemoPaths, train: list[ImageRef], options: DemoOptions, console: Console) -> str:
-    """Reuse ``workdir/model`` if it holds a model, else train one there; returns its version."""
-    if (paths.model / MANIFEST).is_file():
-        ensemble = FoldEnsemble.load(paths.model, device="cpu")
-        console.print(f"reusing model {ensemble.version} from {paths.model} (delete it to retrain)")
-        return ensemble.version
+    """Reuse ``workdir/model`` when it was trained on these images with this config, else (re)train it there;
+    returns the model's version."""
     refs = train[: options.train_limit] if options.train_limit else train
-    config = PatchCoreConfig(coreset_ratio=options.coreset_ratio, folds=options.folds)
-    console.print(f"training on {len(refs)} images ({config.backbone}, {config.folds} folds) …")
+    config = options.config
+    fingerprint = training_fingerprint(refs)
+    if (paths.model / MANIFEST).is_file():
+        problem = reuse_problem(paths.model, fingerprint, config)
+        if problem is None:
+            ensemble = FoldEnsemble.load(paths.model, device="cpu")
+            console.print(
+                f"reusing model {ensemble.version} from {paths.model}: trained on these {len(refs)} images "
+                "with this config (delete it to retrain)"
+            )
+            return ensemble.version
+        console.print(f"[yellow]not reusing the model in {paths.model}:[/yellow] {problem}; retraining")
+    console.print(
+        f"training on {len(refs)} images ({config.backbone}, {config.folds} folds, coreset {config.coreset_ratio:g}) …"
+    )
     started = time.perf_counter()
     ensemble = FoldEnsemble.fit([ref.id for ref in refs], [ref.path for ref in refs], config, device=options.device)
-    staging = paths.workdir / ".model-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    ensemble.save(staging)
-    staging.replace(paths.model)
+    ensemble.save(paths.model, overwrite=True)  # the demo owns workdir/model; replaced atomically
     console.print(f"model {ensemble.version} trained in {time.perf_counter() - started:.1f} s → {paths.model}")
     return ensemble.version
 
@@ -220,7 +285,7 @@ def _progress(session_factory: sessionmaker[Session], expected: int) -> tuple[Ta
             .order_by(Inference.id.desc())
             .limit(12)
         ).all()
-    table = Table("score", "threshold", "decision", "model ms", title="latest scores")
+    table = Table("score", "threshold", "decision", "model ms")  # titled once, above the live display
     table.add_column("key", overflow="fold")
     for key, score, threshold, anomalous, model_ms in reversed(latest):
         decision = "[red]DEFECT[/red]" if anomalous else "[green]ok[/green]"
@@ -232,7 +297,9 @@ def _progress(session_factory: sessionmaker[Session], expected: int) -> tuple[Ta
     return table, line, done
 
 
-def print_summary(session_factory: sessionmaker[Session], paths: DemoPaths, console: Console) -> None:
+def print_summary(
+    session_factory: sessionmaker[Session], paths: DemoPaths, console: Console, *, version: str, heatmap_prefix: str
+) -> None:
     """Counts, anomalies per lot and the slowest images, all computed by SQL from the results database."""
     with session_scope(session_factory) as session:
         result = repository.summary(session, slowest=5)
@@ -258,12 +325,44 @@ def print_summary(session_factory: sessionmaker[Session], paths: DemoPaths, cons
         )
     console.print(slow)
     console.print(f"results database: {paths.database}")
-    console.print(f"heatmaps:         {paths.storage / 'heatmaps'}")
+    console.print(f"storage:          {paths.storage} (the keys in the database, heatmap_key too, are relative to it)")
+    console.print(f"heatmaps:         {paths.storage / heatmap_prefix / version}")
     query = (
         "SELECT i.key, f.score, f.is_anomalous, f.heatmap_key FROM inferences f "
         "JOIN images i ON i.id = f.image_id ORDER BY f.score DESC LIMIT 10;"
     )
     console.print(f'query it:         sqlite3 {paths.database} "{query}"', soft_wrap=True)
+
+
+def next_commands(paths: DemoPaths) -> list[str]:
+    """The commands that look further into this demo's results, exactly as a user types them here."""
+    workdir = shlex.quote(str(paths.workdir))
+    report = shlex.quote(str(paths.workdir / "report.html"))
+    return [
+        f"waferwatch --workdir {workdir} report all --format html --out {report}",
+        f"waferwatch --workdir {workdir} models list",
+        f"waferwatch --workdir {workdir} status",
+    ]
+
+
+def print_next_steps(paths: DemoPaths, console: Console) -> None:
+    """Where the CLI is, how to reach this demo's data, and the exact next commands."""
+    console.print()
+    console.rule("next")
+    bin_dir = Path(sys.executable).parent
+    installed = bin_dir / "waferwatch"
+    on_path = shutil.which("waferwatch")
+    if installed.is_file() and (on_path is None or Path(on_path).resolve() != installed.resolve()):
+        activate = bin_dir / "activate"
+        shown = os.path.relpath(activate) if activate.is_relative_to(Path.cwd()) else str(activate)
+        console.print(f"waferwatch is in {bin_dir}; put it on your PATH first:  source {shown}", soft_wrap=True)
+    console.print(
+        f"the demo's settings are in {paths.settings_file}; --workdir {paths.workdir} (or "
+        f"{HOME_ENV}={paths.workdir}) points any command at them:",
+        soft_wrap=True,
+    )
+    for command in next_commands(paths):
+        console.print(f"  {command}", soft_wrap=True, highlight=False, markup=False)
 
 
 def run_demo(options: DemoOptions, console: Console, *, live_console: Console | None = None) -> int:
@@ -274,6 +373,7 @@ def run_demo(options: DemoOptions, console: Console, *, live_console: Console | 
     paths.workdir.mkdir(parents=True, exist_ok=True)
     _reset_run_state(paths)
     settings, env = demo_settings(paths, options)
+    write_settings_file(paths, env)
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
     session_factory = make_session_factory(engine)
@@ -318,8 +418,9 @@ def run_demo(options: DemoOptions, console: Console, *, live_console: Console | 
         dropper.join(timeout=10)
         ingest_thread.join(timeout=30)
         stop_worker(worker)
-    print_summary(session_factory, paths, console)
+    print_summary(session_factory, paths, console, version=ref.version, heatmap_prefix=settings.heatmap_prefix)
     engine.dispose()
+    print_next_steps(paths, console)
     if not ok:
         console.print(
             f"[red]not every image was accounted for within {options.timeout_s:.0f} s[/red]; see {paths.worker_log}"
@@ -338,6 +439,7 @@ def _watch(
     """Refresh the live table until ``expected`` images are accounted for, the timeout, or a dead worker."""
     deadline = time.monotonic() + timeout_s
     table, line, done = _progress(session_factory, expected)
+    console.rule("latest scores")
     with Live(Group(table, line), console=console, refresh_per_second=4, transient=False) as live:
         while time.monotonic() < deadline:
             table, line, done = _progress(session_factory, expected)

@@ -150,14 +150,35 @@ def _svg(body: list[str], label: str, width: int = _W, height: int = _H) -> str:
     )
 
 
-def _axes(y_max: float, y_label: str, *, percent: bool = False) -> list[str]:
-    """Frame, horizontal grid lines with labels from 0 to ``y_max`` and the y-axis title."""
+def nice_ticks(y_max: float, *, integer: bool = False, max_ticks: int = 6) -> list[float]:
+    """Grid values from 0 to the first "round" value ≥ ``y_max``: steps of 1, 2, 2.5 or 5 × 10^k (whole
+    numbers only when ``integer``, for image counts), at most ``max_ticks`` values. So a 30% axis reads
+    0/10/20/30% rather than 0/8/15/22/30%, and a count axis never shows 4.75 images."""
+    y_max = max(float(y_max), 1.0 if integer else 1e-12)
+    raw = y_max / (max_ticks - 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    if integer:
+        step = max(1.0, float(math.ceil(step)))
+    count = math.ceil(y_max / step - 1e-9)
+    return [round(i * step, 12) for i in range(count + 1)]
+
+
+def _tick_text(value: float, *, percent: bool) -> str:
+    if percent:
+        return f"{value * 100:.4g}%"
+    return f"{value:.0f}" if float(value).is_integer() else _fmt(value)
+
+
+def _axes(ticks: list[float], y_label: str, *, percent: bool = False) -> list[str]:
+    """Frame, horizontal grid lines at ``ticks`` (from :func:`nice_ticks`; the last is the top of the plot)
+    with their labels, and the y-axis title."""
     plot_h = _H - _TOP - _BOTTOM
+    top = ticks[-1]
     parts = []
-    for i in range(5):
-        value = y_max * i / 4
-        y = _TOP + plot_h - plot_h * i / 4
-        text = f"{value * 100:.0f}%" if percent else _fmt(value)
+    for value in ticks:
+        y = _TOP + plot_h - plot_h * value / top
+        text = _tick_text(value, percent=percent)
         parts.append(f'<line x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="{LIGHT}"/>')
         parts.append(f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{text}</text>')
     parts.append(
@@ -188,7 +209,8 @@ def defect_rate_svg(daily: ReportResult) -> str:
         return _empty_svg(label, "no scored images in this range")
     days = sorted(per_day)
     rates = [per_day[day][0] / per_day[day][1] for day in days]
-    y_max = max(0.05, math.ceil(max(rates) * 10) / 10)
+    ticks = nice_ticks(max(0.05, max(rates)))
+    y_max = ticks[-1]
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
     span = max((days[-1] - days[0]).days, 1)  # x is the calendar: a day without images is a gap
 
@@ -196,7 +218,7 @@ def defect_rate_svg(daily: ReportResult) -> str:
         return _LEFT + (plot_w * (day - days[0]).days / span if len(days) > 1 else plot_w / 2)
 
     points = [(x_of(day), _TOP + plot_h - plot_h * rate / y_max) for day, rate in zip(days, rates, strict=True)]
-    body = _axes(y_max, "defect rate", percent=True)
+    body = _axes(ticks, "defect rate", percent=True)
     path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
     body.append(f'<polyline points="{path}" fill="none" stroke="{BLUE}" stroke-width="2"/>')
     every = max(1, math.ceil(len(days) / 8))
@@ -220,8 +242,9 @@ def histogram_svg(histogram: Histogram) -> str:
     label = f"Scores of model {histogram.model_version} (n = {histogram.n})"
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
     low, high = histogram.edges[0], histogram.edges[-1]
-    y_max = max(histogram.counts) or 1
-    body = _axes(y_max, "images")
+    ticks = nice_ticks(max(histogram.counts) or 1, integer=True)
+    y_max = ticks[-1]
+    body = _axes(ticks, "images")
     bar_w = plot_w / len(histogram.counts)
     for i, count in enumerate(histogram.counts):
         if not count:

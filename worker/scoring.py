@@ -11,7 +11,8 @@ of this batch. The stages overlap, so the model is rarely kept waiting:
   as soon as its images are decoded; one backbone pass serves every fold;
 * each scored image's heatmap PNG (every image, only the anomalous ones, or none: ``heatmaps``) is encoded
   and written, on the same pool, to
-  ``<heatmap_prefix><version>/<key without incoming prefix>.<image id>.png`` while the next chunk is scored;
+  ``<heatmap_prefix><version>/<key without incoming prefix and suffix>.<image id>.heatmap.png`` while the
+  next chunk is scored;
 * once every heatmap is written, all inferences, statuses and content hashes of the batch are written in
   one transaction (all writes of an image are in it), so a row never points at a missing heatmap.
 
@@ -25,13 +26,13 @@ the task retries, and the retry skips what is already scored (``has_inference``)
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import BadImageError, ImageScore, decode_image
-from models.heatmap import overlay
+from models.heatmap import heatmap_png  # re-exported: the overlay every scorer writes
 from models.images import resize_for_model
 from worker import metrics, repository
 from worker.db import session_scope
@@ -105,24 +106,10 @@ class _Fetched:
 
 
 def heatmap_key(options: ScoringOptions, *, model_version: str, image_key: str, image_id: int) -> str:
-    """Where the overlay of one image by one model version is stored (unique per image row)."""
-    relative = image_key.removeprefix(options.incoming_prefix)
-    return f"{options.heatmap_prefix}{model_version}/{relative}.{image_id}.png"
-
-
-def heatmap_png(image: PILImage.Image, anomaly_map: np.ndarray, *, threshold: float) -> bytes:
-    """The overlay PNG at the anomaly map's resolution (what the model saw), fast to encode.
-
-    ``models.heatmap.overlay_png`` blends at the original size with default compression: about 100 ms
-    for a 512² image on one core, as long as the model itself spends per image. At the map's size (224²)
-    and zlib level 1 it takes about 15 ms and 75 kB, and shows the same information.
-    """
-    height, width = anomaly_map.shape[:2]
-    if image.width * image.height > width * height:
-        image = image.resize((width, height), PILImage.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    overlay(image, anomaly_map, threshold=threshold).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    """Where the overlay of one image by one model version is stored: ``<folder>/<stem>.<image id>.heatmap.png``
+    beside the image's own folders (the id keeps it unique per image row when an object is overwritten)."""
+    relative = PurePosixPath(image_key.removeprefix(options.incoming_prefix))
+    return f"{options.heatmap_prefix}{model_version}/{relative.with_name(relative.stem)}.{image_id}.heatmap.png"
 
 
 def score_batch(

@@ -11,6 +11,7 @@ and importing this module has no side effects (directories are created when they
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
     "DEFAULT_KEY_METADATA_REGEX",
+    "HOME_ENV",
     "MASK",
     "Settings",
     "compile_key_metadata_regex",
@@ -29,9 +31,12 @@ __all__ = [
     "mask_url",
     "normalize_database_url",
     "parse_key_metadata",
+    "settings_files",
 ]
 
 MASK = "***"
+#: A work folder whose ``.env`` is read after the current directory's (``waferwatch --workdir DIR`` sets it).
+HOME_ENV = "WAFERWATCH_HOME"
 
 # Keys look like ``<tool>/<lot>/<wafer>/<file>`` once the kind prefix (``incoming/``) is stripped.
 # Every directory group is optional and greedy from the left, so shallower keys still match with the
@@ -402,4 +407,15 @@ def get_settings() -> Settings:
 
     Tests that change the environment call ``get_settings.cache_clear()``.
     """
-    return Settings()
+    return Settings(_env_file=settings_files())  # type: ignore[call-arg]  (pydantic-settings' init option)
+
+
+def settings_files() -> tuple[Path, ...]:
+    """The ``.env`` files read, lowest priority first: the current directory's, then ``$WAFERWATCH_HOME/.env``
+    (the work folder of ``waferwatch demo``, so every command finds the demo's database and storage).
+    Environment variables override both."""
+    files = [Path(".env")]
+    home = os.environ.get(HOME_ENV)
+    if home:
+        files.append(Path(home) / ".env")
+    return tuple(files)

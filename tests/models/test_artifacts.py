@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -66,3 +67,36 @@ def test_missing_file_and_unknown_format_are_refused(saved, tmp_path):
         FoldEnsemble.load(saved, device="cpu")
     with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         FoldEnsemble.load(tmp_path / "nowhere", device="cpu")
+
+
+@pytest.fixture
+def small_saved(pipeline_model_dir, tmp_path):
+    """A copy of the small pipeline model (20 images, 2 folds): cheap to train once, safe to modify."""
+    target = tmp_path / "small" / "model"
+    shutil.copytree(pipeline_model_dir, target)
+    return target
+
+
+def test_saving_over_an_existing_model_is_refused_unless_overwrite(small_saved):
+    ensemble = FoldEnsemble.load(small_saved, device="cpu")
+    before = (small_saved / MANIFEST).read_bytes()
+    with pytest.raises(ArtifactError, match=r"already holds a model.*overwrite"):
+        ensemble.save(small_saved)
+    assert (small_saved / MANIFEST).read_bytes() == before
+
+
+def test_overwrite_replaces_the_whole_directory(small_saved):
+    ensemble = FoldEnsemble.load(small_saved, device="cpu")
+    # What a 5-fold model written over by a 2-fold one used to leave behind: folds the new manifest does not list.
+    for stale in (2, 3, 4):
+        (small_saved / f"fold_{stale}.safetensors").write_bytes((small_saved / "fold_0.safetensors").read_bytes())
+    ensemble.save(small_saved, overwrite=True)
+    assert sorted(p.name for p in small_saved.iterdir()) == [MANIFEST, "fold_0.safetensors", "fold_1.safetensors"]
+    assert [p.name for p in small_saved.parent.iterdir()] == ["model"]  # no staging folder or old copy left
+    assert FoldEnsemble.load(small_saved, device="cpu").version == ensemble.version
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(small_saved):
+    (small_saved / "fold_4.safetensors").write_bytes((small_saved / "fold_0.safetensors").read_bytes())
+    with pytest.raises(ArtifactError, match=r"fold_4\.safetensors, which manifest\.json does not list"):
+        FoldEnsemble.load(small_saved, device="cpu")

@@ -72,7 +72,7 @@ def test_score_json_heatmaps_and_bad_files(trained, mini_dacon, tmp_path):
     scored = [r for r in rows if "score" in r]
     assert len(scored) == 5 and {r["id"] for r in rows if "error" in r} == {"broken"}
     assert all(len(r["fold_scores"]) == 2 and r["label"] == int(r["score"] > r["threshold"]) for r in scored)
-    assert sorted(p.stem for p in heatmaps.glob("*.png")) == sorted(r["id"] for r in scored)
+    assert sorted(p.name for p in heatmaps.iterdir()) == sorted(f"{r['id']}.heatmap.png" for r in scored)
 
 
 def test_score_csv_format(trained, mini_dacon):

@@ -210,7 +210,8 @@ def test_awkward_keys_through_ingest_sqs_and_worker(pipeline: Pipeline) -> None:
             .where(Image.key.in_(AWKWARD_KEYS))
         ).all()
     for key, heatmap_key, download_ms, model_ms in heatmaps:
-        assert heatmap_key.startswith("heatmaps/") and key.removeprefix("incoming/") in heatmap_key
+        assert heatmap_key.startswith("heatmaps/") and heatmap_key.endswith(".heatmap.png")
+        assert key.removeprefix("incoming/").removesuffix(".png") in heatmap_key
         assert pipeline.s3.head_object(Bucket=BUCKET, Key=heatmap_key)["ContentLength"] > 0
         assert download_ms is not None and model_ms > 0
     assert not thread.is_alive()

@@ -8,11 +8,10 @@ import time
 from datetime import UTC, datetime
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.cli.root import app, console
+from worker.cli.tables import identified_table, print_table
 from worker.settings import Settings, get_settings
 
 models_app = typer.Typer(help="The model registry: versions, running builds, promotion and rollback.")
@@ -20,8 +19,10 @@ app.add_typer(models_app, name="models")
 
 
 def _session_factory(settings: Settings) -> sessionmaker[Session]:
+    from worker.cli.database import require_migrated
     from worker.db import make_engine, make_session_factory
 
+    require_migrated(settings.database_url)
     return make_session_factory(make_engine(settings.database_url))
 
 
@@ -56,7 +57,7 @@ def list_models(limit: int = typer.Option(20, "--limit", min=1)) -> None:
     from scheduler.registry import list_versions
     from worker.db import session_scope
 
-    table = Table("version", "status", "stage", "created", "threshold", "images", "reason")
+    table = identified_table("version", "status", "stage", "created", "threshold", "images", "reason")
     with session_scope(_session_factory(get_settings())) as session:
         for row in list_versions(session, limit=limit):
             pool = (row.metrics or {}).get("pool") or {}
@@ -69,7 +70,7 @@ def list_models(limit: int = typer.Option(20, "--limit", min=1)) -> None:
                 str(pool.get("size", len((row.manifest or {}).get("training_images", [])) or "")),
                 (row.reason or "")[:80],
             )
-    Console().print(table)
+    print_table(table)
 
 
 @models_app.command("show")

@@ -32,7 +32,7 @@ from pathlib import Path
 import typer
 
 from worker.cli.root import app, console
-from worker.settings import get_settings
+from worker.settings import HOME_ENV, get_settings
 
 _DEFAULT_QUEUES = "score,ingest"
 
@@ -127,7 +127,12 @@ def demo(
         "--data",
         help="Folder with train.csv/test.csv (Dacon layout) or train/ and test/ image folders.",
     ),
-    workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Where the database, storage and model go."),
+    workdir: Path | None = typer.Option(
+        None,
+        "--workdir",
+        help="Where the settings (.env), database, storage and model go (default: $WAFERWATCH_HOME or runs/demo).",
+        show_default=False,
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Drop only the first N test images."),
     interval_ms: int = typer.Option(200, "--interval-ms", min=0, help="Pause between two dropped images."),
     timeout_s: float = typer.Option(600.0, "--timeout", min=1, help="Fail if images are not all scored by then."),
@@ -135,11 +140,18 @@ def demo(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per score_batch task."),
     batch_wait_ms: int = typer.Option(300, "--batch-wait-ms", min=0, help="Send a partial batch after this."),
     train_limit: int | None = typer.Option(None, "--train-limit", min=2, hidden=True),
-    coreset_ratio: float = typer.Option(0.10, "--coreset-ratio", min=0.0001, max=1.0, hidden=True),
-    folds: int = typer.Option(5, "--folds", min=2, hidden=True),
+    coreset_ratio: float | None = typer.Option(None, "--coreset-ratio", hidden=True),  # tests: a faster model
+    folds: int | None = typer.Option(None, "--folds", hidden=True),
 ) -> None:
-    """Run the whole pipeline on this machine: SQLite, a folder as the bucket, an embedded broker, a real worker."""
+    """Run the whole pipeline on this machine: SQLite, a folder as the bucket, an embedded broker, a real worker.
+
+    The model uses the same defaults as `waferwatch train` and `waferwatch dacon` (models/config.py)."""
+    from worker.cli.model_cmds import check_device, model_config
     from worker.demo import DemoError, DemoOptions, run_demo
+
+    config = model_config(coreset_ratio=coreset_ratio, folds=folds)
+    workdir = workdir or Path(os.environ.get(HOME_ENV) or "runs/demo")
+    device = check_device(device)
 
     options = DemoOptions(
         data=data,
@@ -149,8 +161,7 @@ def demo(
         timeout_s=timeout_s,
         device=device,
         train_limit=train_limit,
-        coreset_ratio=coreset_ratio,
-        folds=folds,
+        config=config,
         batch_size=batch_size,
         batch_wait_ms=batch_wait_ms,
     )

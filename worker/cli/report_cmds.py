@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from worker.cli.database import require_migrated
 from worker.cli.root import app, console
 from worker.reports import (
     REPORTS,
@@ -42,6 +43,13 @@ class ReportFormat(StrEnum):
     CSV = "csv"
     JSON = "json"
     HTML = "html"
+
+
+class StatusFormat(StrEnum):
+    """Output formats of ``waferwatch status`` (no html: it is a snapshot, not a report)."""
+
+    TABLE = "table"
+    JSON = "json"
 
 
 report_app = typer.Typer(
@@ -156,6 +164,7 @@ def report_sql(
 
     settings = get_settings()
     database_url = normalize_database_url(url) if url else settings.report_database_url or settings.database_url
+    require_migrated(database_url)
     try:
         warnings = privilege_warnings(database_url)
     except psycopg.Error:
@@ -188,6 +197,7 @@ def _run_named(
     if every and output_format is not ReportFormat.HTML:
         raise typer.BadParameter("`all` is only for --format html; name one report", param_hint="NAME")
     names = list(REPORTS) if every else [get_report(name).name]
+    require_migrated(database_url)
     engine = make_engine(database_url, sqlite_begin="DEFERRED")
     try:
         with engine.connect() as connection:
@@ -327,11 +337,12 @@ def last_hour_counts(database_url: str, *, now: datetime | None = None) -> dict[
 @app.command("status")
 def status(
     url: str | None = URL_OPTION,
-    output_format: ReportFormat = typer.Option(ReportFormat.TABLE, "--format", "-f", help="table or json."),
+    output_format: StatusFormat = typer.Option(StatusFormat.TABLE, "--format", "-f", help="table or json."),
     ping_timeout_s: float = typer.Option(1.0, "--ping-timeout", min=0.1, help="Seconds to wait for workers."),
 ) -> None:
     """Queue depths, workers alive, the active model version and the last hour's counts."""
     settings = get_settings()
+    require_migrated(_database_url(url))
     depths = queue_depths(settings)
     workers = workers_alive(ping_timeout_s)
     counts = last_hour_counts(_database_url(url))
@@ -341,11 +352,9 @@ def status(
         "workers": workers,
         **counts,
     }
-    if output_format is ReportFormat.JSON:
+    if output_format is StatusFormat.JSON:
         typer.echo(json.dumps(report, indent=2, default=str))
         return
-    if output_format is not ReportFormat.TABLE:
-        raise typer.BadParameter("status prints a table or json", param_hint="--format")
     table = Table(title="waferwatch status", show_header=False)
     table.add_column("what", style="cyan", no_wrap=True)
     table.add_column("value", overflow="fold")

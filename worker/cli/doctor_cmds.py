@@ -1,0 +1,245 @@
+"""``waferwatch doctor``: is this machine set up to run waferwatch, and if not, what to do.
+
+One line per check (settings, database, broker, bucket, notifications, model, GPU), each saying what was
+found and, when something is wrong, what to run or set. Checks only read: nothing is created, migrated
+or uploaded. Exit code 1 when a check failed, 0 otherwise (warnings do not fail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from worker.cli.root import app
+from worker.settings import HOME_ENV, Settings, get_settings, mask_url, settings_files
+
+Status = Literal["ok", "warn", "fail"]
+_MARK = {"ok": "[green]ok  [/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check: its name, ok/warn/fail and one line saying what was found or what to do."""
+
+    name: str
+    status: Status
+    detail: str
+
+
+def check_settings() -> tuple[Check, Settings | None]:
+    read = [str(path) for path in settings_files() if path.is_file()]
+    source = (
+        f"from {', '.join(read)} and WAFERWATCH_* variables" if read else "from WAFERWATCH_* variables and defaults"
+    )
+    try:
+        settings = get_settings()
+    except Exception as exc:  # pydantic's ValidationError: the message names the setting
+        first = str(exc).strip().splitlines()
+        return Check("settings", "fail", f"invalid ({' '.join(first[:3])}); fix it {source}"), None
+    return Check("settings", "ok", f"read {source}"), settings
+
+
+def check_database(settings: Settings) -> Check:
+    from worker.cli.database import database_problem
+    from worker.db import head_revision
+
+    problem = database_problem(settings.database_url)
+    if problem:
+        return Check("database", "fail", problem)
+    return Check("database", "ok", f"{mask_url(settings.database_url)} at revision {head_revision()} (newest)")
+
+
+def check_broker(settings: Settings) -> Check:
+    shown = mask_url(settings.broker_url)
+    if settings.broker_is_filesystem:
+        folder = Path(settings.broker_transport_options(create_dirs=False)["data_folder_in"])
+        if folder.is_dir():
+            return Check("broker", "ok", f"{shown}, queue folder {folder}")
+        return Check("broker", "warn", f"{shown}: {folder} does not exist yet (created when a worker or ingest starts)")
+    if settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        import redis
+
+        try:
+            client = redis.Redis.from_url(settings.broker_url, socket_timeout=3, socket_connect_timeout=3)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except redis.RedisError as exc:
+            return Check("broker", "fail", f"{shown} unreachable ({exc}); start Redis or fix WAFERWATCH_BROKER_URL")
+        return Check("broker", "ok", f"{shown} answers PING")
+    return Check("broker", "warn", f"{shown}: this doctor cannot probe that transport")
+
+
+def _store(settings: Settings) -> Any:
+    from worker.storage import make_store
+
+    return make_store(
+        settings.storage,
+        root=settings.storage_root,
+        endpoint_url=settings.s3_endpoint_url,
+        bucket=settings.s3_bucket if settings.storage == "s3" else None,
+        region=settings.s3_region,
+        access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
+        secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
+        connect_timeout_s=3.0,
+        read_timeout_s=10.0,
+        max_attempts=1,
+    )
+
+
+def check_bucket(settings: Settings) -> Check:
+    prefixes = (settings.incoming_prefix, settings.nominal_prefix, settings.heatmap_prefix, settings.model_prefix)
+    if settings.storage == "folder" and not Path(settings.storage_root).is_dir():
+        return Check(
+            "bucket",
+            "fail",
+            f"folder {settings.storage_root} does not exist; run `waferwatch demo` or set WAFERWATCH_STORAGE_ROOT",
+        )
+    try:
+        store = _store(settings)
+        found = []
+        for prefix in prefixes:
+            has_any = next(iter(store.list(prefix)), None) is not None
+            found.append(f"{prefix} {'has objects' if has_any else 'empty'}")
+    except Exception as exc:  # StorageUnavailableError and friends: the message names the bucket
+        where = settings.s3_endpoint_url or "AWS"
+        detail = f"{settings.s3_bucket} at {where} not readable ({exc}); check the WAFERWATCH_S3_* settings"
+        return Check("bucket", "fail", detail)
+    name = settings.storage_root if settings.storage == "folder" else f"s3://{settings.s3_bucket}"
+    return Check("bucket", "ok", f"{name}: {', '.join(found)}")
+
+
+def check_notifications(settings: Settings) -> Check:
+    if settings.storage == "folder":
+        return Check("events", "ok", f"folder storage: `waferwatch ingest` watches {settings.watch_dir}")
+    try:
+        store = _store(settings)
+        client = store._client  # the boto3 client: notifications are S3-only, not part of ObjectStore
+        config = client.get_bucket_notification_configuration(Bucket=settings.s3_bucket)
+    except Exception as exc:  # MinIO/Ceph may not implement it; not a failure of waferwatch's setup
+        return Check("events", "warn", f"cannot read the bucket's notification configuration ({exc})")
+    targets = [
+        *config.get("QueueConfigurations", []),
+        *config.get("TopicConfigurations", []),
+        *config.get("LambdaFunctionConfigurations", []),
+    ]
+    covering = []
+    for target in targets:
+        rules = (target.get("Filter") or {}).get("Key", {}).get("FilterRules", [])
+        prefix = next((rule["Value"] for rule in rules if rule.get("Name", "").lower() == "prefix"), "")
+        if settings.incoming_prefix.startswith(prefix) and any("ObjectCreated" in e for e in target.get("Events", [])):
+            covering.append(target.get("QueueArn") or target.get("TopicArn") or target.get("LambdaFunctionArn"))
+    if covering:
+        return Check("events", "ok", f"ObjectCreated under {settings.incoming_prefix} goes to {', '.join(covering)}")
+    return Check(
+        "events",
+        "warn",
+        f"no ObjectCreated notification covers {settings.incoming_prefix}; new images arrive only through "
+        "`waferwatch reconcile` (see docs/deploy.md for the SQS/webhook setup)",
+    )
+
+
+def _verify_in_store(store: Any, prefix: str) -> str:
+    """Download ``prefix``'s manifest and check every listed file's sha256; returns the version."""
+    from models.artifacts import MANIFEST
+
+    manifest = json.loads(store.get(prefix + MANIFEST, max_bytes=64 * 1024 * 1024).data)
+    for name, expected in sorted((manifest.get("files") or {}).items()):
+        data = store.get(prefix + name, max_bytes=4 * 1024 * 1024 * 1024).data
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"{prefix}{name} does not match its sha256 in the manifest; republish the model")
+    return str(manifest["version"])
+
+
+def check_model(settings: Settings, database_ok: bool) -> Check:
+    if settings.model_dir is not None:
+        from models import FoldEnsemble
+
+        try:
+            ensemble = FoldEnsemble.load(settings.model_dir, device="cpu")
+        except Exception as exc:
+            return Check("model", "fail", f"WAFERWATCH_MODEL_DIR {settings.model_dir}: {exc}")
+        return Check("model", "ok", f"{ensemble.version} from {settings.model_dir}: loads, every hash matches")
+    if not database_ok:
+        return Check("model", "warn", "not checked: the database is not ready (see above)")
+    from worker import repository
+    from worker.db import make_engine, make_session_factory, session_scope
+
+    engine = make_engine(settings.database_url, sqlite_begin="DEFERRED")
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            row = repository.get_active_model_version(session)
+            active = (row.id, row.artifact_uri) if row is not None else None
+    finally:
+        engine.dispose()
+    if active is None:
+        return Check("model", "fail", "no active model version; run `waferwatch demo` or train one and promote it")
+    version, uri = active
+    try:
+        if uri and uri.startswith(("/", "file://")):
+            from models import FoldEnsemble
+
+            FoldEnsemble.load(Path(uri.removeprefix("file://")), device="cpu")
+        else:
+            prefix = uri.removeprefix(f"s3://{settings.s3_bucket}/")
+            found = _verify_in_store(_store(settings), prefix if prefix.endswith("/") else prefix + "/")
+            if found != version:
+                raise ValueError(f"the artifact holds {found}, not {version}; fix the registry")
+    except Exception as exc:
+        return Check("model", "fail", f"active version {version} at {uri}: {exc}")
+    return Check("model", "ok", f"active version {version} at {uri}: every file's hash matches")
+
+
+def check_gpu(settings: Settings) -> Check:
+    import torch
+
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        return Check("gpu", "ok", f"{names}; device setting {settings.device}")
+    if settings.device.startswith("cuda"):
+        return Check("gpu", "fail", f"device is {settings.device} but CUDA is not available; set WAFERWATCH_DEVICE=cpu")
+    return Check("gpu", "ok", "no GPU: scoring runs on the CPU (set WAFERWATCH_DEVICE=cuda on a GPU machine)")
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Every check after the settings, each guarded so one broken service never hides the others."""
+    checks: list[Check] = []
+
+    def guarded(name: str, check: Callable[[], Check]) -> Check:
+        try:
+            return check()
+        except Exception as exc:  # a doctor reports, it does not crash
+            return Check(name, "fail", f"{type(exc).__name__}: {exc}")
+
+    database = guarded("database", lambda: check_database(settings))
+    checks.append(database)
+    checks.append(guarded("broker", lambda: check_broker(settings)))
+    checks.append(guarded("bucket", lambda: check_bucket(settings)))
+    checks.append(guarded("events", lambda: check_notifications(settings)))
+    checks.append(guarded("model", lambda: check_model(settings, database.status == "ok")))
+    checks.append(guarded("gpu", lambda: check_gpu(settings)))
+    return checks
+
+
+@app.command()
+def doctor() -> None:
+    """Check the settings, database, broker, bucket, event notifications, model and GPU; one line each,
+    saying what to do. Exit code 1 if a check failed."""
+    settings_check, settings = check_settings()
+    checks = [settings_check, *(run_checks(settings) if settings is not None else [])]
+    out = Console(soft_wrap=True)
+    for check in checks:
+        out.print(f"{_MARK[check.status]} {check.name:<9} {escape(check.detail)}", highlight=False)
+    if settings is not None and not any(path.is_file() for path in settings_files()[1:]):
+        out.print(f"      (the demo's settings: `waferwatch --workdir runs/demo doctor` or {HOME_ENV}=runs/demo)")
+    if any(check.status == "fail" for check in checks):
+        raise typer.Exit(1)
