@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from models.config import DEFAULT_LAYERS, PatchCoreConfig
+from models.config import DEFAULT_LAYERS, PRESETS, PatchCoreConfig, preset_config
 from models.datasets import IMAGE_SUFFIXES, ImageRef, list_images, read_image_csv
 from models.errors import ConfigError
 from worker.cli.root import app, console
@@ -58,6 +58,13 @@ OPTION_OF_FIELD = {
     "k": "--k",
     "seed": "--seed",
     "batch_size": "--batch-size",
+    "threshold_rule": "--threshold-rule",
+    "false_alarm_rate": "--false-alarm-rate",
+    "tiles": "--tiles",
+    "tile_overlap": "--tile-overlap",
+    "layer_weighting": "--layer-weighting",
+    "reweight_neighbours": "--reweight-neighbours",
+    "preset": "--preset",
 }
 
 
@@ -72,6 +79,13 @@ def model_config(
     k: int | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
+    preset: str | None = None,
+    threshold_rule: str | None = None,
+    false_alarm_rate: float | None = None,
+    tiles: int | None = None,
+    tile_overlap: float | None = None,
+    layer_weighting: str | None = None,
+    reweight_neighbours: int | None = None,
 ) -> PatchCoreConfig:
     """The one place where model options become a :class:`PatchCoreConfig`.
 
@@ -89,9 +103,16 @@ def model_config(
         "k": k,
         "seed": seed,
         "batch_size": batch_size,
+        "threshold_rule": threshold_rule,
+        "false_alarm_rate": false_alarm_rate,
+        "tiles": tiles,
+        "tile_overlap": tile_overlap,
+        "layer_weighting": layer_weighting,
+        "reweight_neighbours": reweight_neighbours,
     }
     try:
-        config = PatchCoreConfig(**{name: value for name, value in given.items() if value is not None})
+        overrides = {name: value for name, value in given.items() if value is not None}
+        config = preset_config(preset or "default", **overrides)
     except ConfigError as exc:
         field = str(exc).split("=", 1)[0].strip()
         raise typer.BadParameter(str(exc), param_hint=OPTION_OF_FIELD.get(field, "model options")) from exc
@@ -119,6 +140,25 @@ SuffixOpt = typer.Option(
     None, "--suffix", help="Only files with this suffix in folders (e.g. .jpg when .png masks share the folder)."
 )
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing model directory (default: refuse).")
+PresetOpt = typer.Option(
+    None, "--preset", help=f"A named recipe ({', '.join(PRESETS)}); 'original' is the Dacon team's (needs --weights)."
+)
+RuleOpt = typer.Option(
+    None,
+    "--threshold-rule",
+    help=f"fold_max (mean of fold maxima), percentile or gpd (tail fit) (default: {_DEFAULTS.threshold_rule}).",
+)
+FalseAlarmOpt = typer.Option(
+    None,
+    "--false-alarm-rate",
+    help=f"Target share of good images flagged, for percentile/gpd (default: {_DEFAULTS.false_alarm_rate}).",
+)
+TilesOpt = typer.Option(None, "--tiles", help="Tiles per side for large images with small defects (default: 1).")
+OverlapOpt = typer.Option(None, "--tile-overlap", help="Share of a tile its neighbours overlap, [0, 0.5] (default: 0).")
+WeightingOpt = typer.Option(None, "--layer-weighting", help="none, channels or l2 (default: none).")
+ReweightOpt = typer.Option(
+    None, "--reweight-neighbours", help=f"Eq. 7 neighbourhood b, >= 2 (default: {_DEFAULTS.reweight_neighbours})."
+)
 
 
 def check_device(device: str) -> str:
@@ -227,6 +267,13 @@ def train(
     k: int | None = KOpt,
     seed: int | None = SeedOpt,
     batch_size: int | None = BatchOpt,
+    preset: str | None = PresetOpt,
+    threshold_rule: str | None = RuleOpt,
+    false_alarm_rate: float | None = FalseAlarmOpt,
+    tiles: int | None = TilesOpt,
+    tile_overlap: float | None = OverlapOpt,
+    layer_weighting: str | None = WeightingOpt,
+    reweight_neighbours: int | None = ReweightOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Fit the fold ensemble on nominal (good) images and write a model directory."""
@@ -240,6 +287,13 @@ def train(
         k=k,
         seed=seed,
         batch_size=batch_size,
+        preset=preset,
+        threshold_rule=threshold_rule,
+        false_alarm_rate=false_alarm_rate,
+        tiles=tiles,
+        tile_overlap=tile_overlap,
+        layer_weighting=layer_weighting,
+        reweight_neighbours=reweight_neighbours,
     )
     device = check_device(device)
     check_model_out(out, overwrite=overwrite)
@@ -428,11 +482,18 @@ def evaluate(
     ensemble = FoldEnsemble.load(model, device=device)
     with progress_bar() as report:
         result, _ = evaluate_ensemble(ensemble, good_refs, bad_refs, masks=mask_map, progress=report)
+    rule = ensemble.config.threshold_rule
+    metrics = {
+        **result.as_dict(),
+        "threshold": ensemble.threshold,
+        "threshold_rule": rule,
+        "target_false_alarm_rate": None if rule == "fold_max" else ensemble.config.false_alarm_rate,
+    }
     if output_format is MetricsFormat.JSON:
-        sys.stdout.write(json.dumps(result.as_dict(), indent=2) + "\n")
+        sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
         return
     table = identified_table("metric", "value")
-    for key, value in result.as_dict().items():
+    for key, value in metrics.items():
         table.add_row(key, "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
     print_table(table)
 
@@ -455,9 +516,17 @@ def dacon(
     k: int | None = KOpt,
     seed: int | None = SeedOpt,
     batch_size: int | None = BatchOpt,
+    preset: str | None = PresetOpt,
+    threshold_rule: str | None = RuleOpt,
+    false_alarm_rate: float | None = FalseAlarmOpt,
+    tiles: int | None = TilesOpt,
+    tile_overlap: float | None = OverlapOpt,
+    layer_weighting: str | None = WeightingOpt,
+    reweight_neighbours: int | None = ReweightOpt,
     device: str = DeviceOpt,
 ) -> None:
-    """Reproduce the Dacon entry: train on train.csv, score test.csv, write the submission in test.csv's order."""
+    """Train on train.csv, score test.csv, write the submission in test.csv's order, with the product defaults
+    (``--preset original`` for the Dacon team's own recipe)."""
     from models.images import load_image_file
 
     train_csv, test_csv = data / "train.csv", data / "test.csv"
@@ -474,6 +543,13 @@ def dacon(
         k=k,
         seed=seed,
         batch_size=batch_size,
+        preset=preset,
+        threshold_rule=threshold_rule,
+        false_alarm_rate=false_alarm_rate,
+        tiles=tiles,
+        tile_overlap=tile_overlap,
+        layer_weighting=layer_weighting,
+        reweight_neighbours=reweight_neighbours,
     )
     device = check_device(device)
     model_dir = model_dir or out.with_suffix("").with_name(out.stem + "_model")

@@ -70,7 +70,7 @@ def tune(
         raise typer.BadParameter(f"no candidate could be fitted: {best.error}")
     console.print(f"best: {best.name}; training it on all {len(refs)} images → {out}")
     ensemble = FoldEnsemble.fit([r.id for r in refs], [r.path for r in refs], best.config, device=device)
-    ensemble.save(out)
+    ensemble.save(out, overwrite=overwrite)
     console.print(f"model {ensemble.version}: threshold {ensemble.threshold:.4f} ({best.config.threshold_rule})")
 
 
