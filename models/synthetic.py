@@ -7,7 +7,10 @@ made from the nominal images themselves:
 - ``cutpaste``: a rectangle cut from the image (or a donor image), colour-jittered, pasted elsewhere;
 - ``scar``: a thin, long rectangle cut the same way, rotated, pasted elsewhere;
 - ``perlin``: inside a thresholded Perlin-noise blob, the image is blended with a strongly augmented other
-  image (the donor, or the image itself rotated and flipped when there is none), as DRAEM does with textures.
+  image (the donor, or the image itself rotated and flipped when there is none), as DRAEM does with textures;
+- ``poisson`` (NSA, Schlüter et al., ECCV 2022): a patch of the donor (or the image) cloned seamlessly
+  elsewhere by Poisson image editing (its gradients kept, its border matched to the surroundings), so the
+  defect has no sharp seam; solved exactly with a sine transform, no OpenCV needed.
 
 Sizes follow real small defects: the footprint of a defect covers between ``scale / 30`` and ``scale`` of
 the image area (log-uniform; ``scale`` = 3% by default), and at least 16 pixels.
@@ -29,7 +32,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 #: Defect kinds :func:`synthesize_anomaly` can make.
+#: Defect kinds drawn by default (``kind=None``, ``synthetic_anomalies``' default ``kinds``).
 SYNTHETIC_KINDS: tuple[str, ...] = ("cutpaste", "scar", "perlin")
+#: Every kind, including NSA-style Poisson blending: subtler, and not in the default draw (kept out so that
+#: the defaults' output did not change when it was added).
+ALL_KINDS: tuple[str, ...] = (*SYNTHETIC_KINDS, "poisson")
 
 DEFAULT_SCALE = 0.03
 _MIN_FOOTPRINT = 16  # pixels
@@ -57,13 +64,13 @@ def synthesize_anomaly(
 ) -> tuple[Image.Image, np.ndarray]:
     """Paste one synthetic defect into ``image`` (RGB in, RGB of the same size out) and return its mask.
 
-    ``kind`` is one of :data:`SYNTHETIC_KINDS` (None: drawn from the seed). ``donor`` is another nominal
-    image that cut-paste patches and Perlin blends take their content from (resized to ``image``'s size);
+    ``kind`` is one of :data:`ALL_KINDS` (None: drawn from :data:`SYNTHETIC_KINDS` by the seed). ``donor``
+    is another nominal image that patches and blends take their content from (resized to ``image``'s size);
     without one, the image itself is the source. ``scale`` is the largest footprint as a fraction of the
     image area. Raises ``ValueError`` when no attempt changes enough pixels (a constant image).
     """
-    if kind is not None and kind not in SYNTHETIC_KINDS:
-        raise ValueError(f"kind={kind!r} is unknown; choose one of {list(SYNTHETIC_KINDS)}")
+    if kind is not None and kind not in ALL_KINDS:
+        raise ValueError(f"kind={kind!r} is unknown; choose one of {list(ALL_KINDS)}")
     if not 0.0 < scale <= 0.5:
         raise ValueError(f"scale={scale} must be in (0, 0.5]: it is the largest defect area / image area")
     rng = np.random.default_rng(seed)
@@ -107,9 +114,9 @@ def synthetic_anomalies(
         raise ValueError(f"got {len(images)} images but {len(ids)} ids")
     if len(set(ids)) != len(ids):
         raise ValueError("ids must be unique")
-    unknown = sorted(set(kinds) - set(SYNTHETIC_KINDS))
+    unknown = sorted(set(kinds) - set(ALL_KINDS))
     if unknown or not kinds:
-        raise ValueError(f"kinds={list(kinds)} must be a non-empty subset of {list(SYNTHETIC_KINDS)}")
+        raise ValueError(f"kinds={list(kinds)} must be a non-empty subset of {list(ALL_KINDS)}")
     by_id = dict(zip(ids, images, strict=True))
     anomalies = []
     for image_id, image in zip(ids, images, strict=True):
@@ -208,7 +215,52 @@ def _perlin(
     return altered, footprint
 
 
-_MAKERS = {"cutpaste": _cutpaste, "scar": _scar, "perlin": _perlin}
+def _poisson(
+    original: np.ndarray, source: np.ndarray, area: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """NSA: a rectangle of ``source`` cloned into ``original`` with Poisson image editing (normal clone).
+
+    Inside the target rectangle the result f keeps the patch's Laplacian (Δf = Δg) and equals the image on
+    the rectangle's border: f = g + h with h harmonic and h = image − g on the border, solved per channel
+    with the discrete sine transform (the exact solution of the 5-point Laplacian with Dirichlet border).
+    """
+    height, width = original.shape[:2]
+    aspect = math.exp(rng.uniform(math.log(1 / 2), math.log(2)))
+    patch_h = int(np.clip(round(math.sqrt(area * aspect)), 3, height))
+    patch_w = int(np.clip(round(area / patch_h), 3, width))
+    src_top, src_left = _corner(rng, height, width, patch_h, patch_w)
+    top, left = _corner(rng, height, width, patch_h, patch_w)
+    guide = source[src_top : src_top + patch_h, src_left : src_left + patch_w].astype(np.float64)
+    target = original[top : top + patch_h, left : left + patch_w].astype(np.float64)
+    blended = target.copy()
+    for channel in range(3):
+        blended[1:-1, 1:-1, channel] = guide[1:-1, 1:-1, channel] + _harmonic(
+            target[..., channel] - guide[..., channel]
+        )
+    altered = original.copy()
+    altered[top : top + patch_h, left : left + patch_w] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    footprint = np.zeros(original.shape[:2], dtype=bool)
+    footprint[top + 1 : top + patch_h - 1, left + 1 : left + patch_w - 1] = True
+    return altered, footprint
+
+
+def _harmonic(border: np.ndarray) -> np.ndarray:
+    """Interior (h-2, w-2) of the discrete harmonic function whose border values are ``border``'s border."""
+    from scipy.fft import dstn, idstn
+
+    rows, cols = border.shape[0] - 2, border.shape[1] - 2
+    rhs = np.zeros((rows, cols))
+    rhs[0, :] += border[0, 1:-1]
+    rhs[-1, :] += border[-1, 1:-1]
+    rhs[:, 0] += border[1:-1, 0]
+    rhs[:, -1] += border[1:-1, -1]
+    eig_r = 2.0 - 2.0 * np.cos(np.pi * np.arange(1, rows + 1) / (rows + 1))
+    eig_c = 2.0 - 2.0 * np.cos(np.pi * np.arange(1, cols + 1) / (cols + 1))
+    spectrum = dstn(rhs, type=1) / (eig_r[:, None] + eig_c[None, :])
+    return idstn(spectrum, type=1)
+
+
+_MAKERS = {"cutpaste": _cutpaste, "scar": _scar, "perlin": _perlin, "poisson": _poisson}
 
 
 # ---------------------------------------------------------------------------------------------- helpers

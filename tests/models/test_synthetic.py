@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from models import load_image_file
-from models.synthetic import SYNTHETIC_KINDS, SyntheticAnomaly, synthesize_anomaly, synthetic_anomalies
+from models.synthetic import ALL_KINDS, SYNTHETIC_KINDS, SyntheticAnomaly, synthesize_anomaly, synthetic_anomalies
 
 
 def _textured(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:
@@ -21,7 +21,7 @@ def _line_art(size: int = 128) -> Image.Image:
     return Image.fromarray(pixels, mode="RGB")
 
 
-@pytest.mark.parametrize("kind", SYNTHETIC_KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("seed", range(8))
 def test_mask_is_exactly_the_changed_pixels(kind, seed):
     image = _textured(seed)
@@ -34,7 +34,7 @@ def test_mask_is_exactly_the_changed_pixels(kind, seed):
     assert np.all(np.any(after[mask] != before[mask], axis=-1))
 
 
-@pytest.mark.parametrize("kind", SYNTHETIC_KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_same_seed_same_pixels_other_seed_other_pixels(kind):
     image = _textured(1)
     first = synthesize_anomaly(image, seed=7, kind=kind)
@@ -46,14 +46,18 @@ def test_same_seed_same_pixels_other_seed_other_pixels(kind):
 
 
 def test_constant_image_still_gets_a_defect():
-    """The jitter shifts away from saturation, so even an all-black or all-white frame changes."""
+    """The jitter shifts away from saturation, so even an all-black or all-white frame changes; a seamless
+    clone of a constant patch into a constant frame changes nothing, which is refused, not returned."""
     for value in (0, 255):
+        frame = Image.new("RGB", (64, 48), (value,) * 3)
         for kind in SYNTHETIC_KINDS:
-            _, mask = synthesize_anomaly(Image.new("RGB", (64, 48), (value,) * 3), seed=1, kind=kind)
+            _, mask = synthesize_anomaly(frame, seed=1, kind=kind)
             assert mask.any()
+        with pytest.raises(ValueError, match="constant"):
+            synthesize_anomaly(frame, seed=1, kind="poisson")
 
 
-@pytest.mark.parametrize("kind", SYNTHETIC_KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_line_art_still_gets_a_visible_defect(kind):
     image = _line_art()
     for seed in range(10):
@@ -126,3 +130,30 @@ def test_on_real_nominal_images(tile_split):
         before, after = np.asarray(image), np.asarray(anomaly.image)
         np.testing.assert_array_equal(after[~anomaly.mask], before[~anomaly.mask])
         assert 0 < anomaly.mask.mean() <= 0.05
+
+
+def test_poisson_clone_is_seamless_on_smooth_images():
+    """Poisson editing keeps the border of the pasted rectangle equal to the image, so on a smooth ramp the
+    seam jumps are no larger than the ramp's own steps, unlike a plain paste."""
+    y, x = np.mgrid[0:96, 0:96]
+    ramp = np.repeat(((x + y) * 255 / 190).astype(np.uint8)[..., None], 3, axis=-1)
+    donor = np.repeat((((96 - x) * 2) % 256).astype(np.uint8)[..., None], 3, axis=-1)
+    altered, mask = synthesize_anomaly(Image.fromarray(ramp), seed=2, kind="poisson", donor=Image.fromarray(donor))
+    after = np.asarray(altered).astype(int)[..., 0]
+    rows, cols = np.nonzero(mask)
+    assert mask.any()
+    # Around the changed region: neighbouring pixels across the seam differ by little (ramp steps are ~1.3).
+    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+    if top > 0:
+        assert np.abs(after[top, left : right + 1] - after[top - 1, left : right + 1]).max() <= 4
+    if left > 0:
+        assert np.abs(after[top : bottom + 1, left] - after[top : bottom + 1, left - 1]).max() <= 4
+
+
+def test_poisson_is_not_in_the_default_draw():
+    kinds = {
+        a.kind for a in synthetic_anomalies([_textured(i) for i in range(30)], [str(i) for i in range(30)], seed=0)
+    }
+    assert "poisson" not in kinds and "poisson" in ALL_KINDS
+    anomalies = synthetic_anomalies([_textured(i) for i in range(3)], ["a", "b", "c"], seed=0, kinds=("poisson",))
+    assert {a.kind for a in anomalies} == {"poisson"}
