@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo's settings land in $(RUN_DIR)/.env: `$(VENV)/bin/waferwatch --workdir $(RUN_DIR) status` and the
+# other commands it prints at the end read them. Exits non-zero when not every image was scored in time.
 run: $(STAMP)
 	$(VENV)/bin/waferwatch demo --data $(DATA) --workdir $(RUN_DIR)
 

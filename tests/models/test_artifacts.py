@@ -91,7 +91,8 @@ def test_overwrite_replaces_the_whole_directory(small_saved):
     for stale in (2, 3, 4):
         (small_saved / f"fold_{stale}.safetensors").write_bytes((small_saved / "fold_0.safetensors").read_bytes())
     ensemble.save(small_saved, overwrite=True)
-    assert sorted(p.name for p in small_saved.iterdir()) == [MANIFEST, "fold_0.safetensors", "fold_1.safetensors"]
+    expected = sorted([MANIFEST, "fold_0.safetensors", "fold_1.safetensors"])
+    assert sorted(p.name for p in small_saved.iterdir()) == expected
     assert [p.name for p in small_saved.parent.iterdir()] == ["model"]  # no staging folder or old copy left
     assert FoldEnsemble.load(small_saved, device="cpu").version == ensemble.version
 
