@@ -107,9 +107,10 @@ def _reduction(image_size: tuple[int, int], size: int) -> int:
 
 def _to_model_input(image: Image.Image, size: int) -> Image.Image:
     """``resize_for_model(_to_rgb(image), size)`` without holding the full-size RGB image."""
-    image = _to_8bit(image)
     factor = _reduction(image.size, size)
-    if factor > 1 and image.mode in ("L", "RGB"):
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _to_8bit(image, factor)  # reduced in the same pass
+    elif factor > 1 and image.mode in ("L", "RGB"):
         image = image.reduce(factor)
     if image.mode == "L":
         # Resizing L then copying it to three bands gives exactly the bands of resizing the RGB copy.
@@ -127,27 +128,36 @@ def load_image_file(path: str | Path, *, max_pixels: int = 64_000_000) -> Image.
     return decode_image(data, name=str(path), max_pixels=max_pixels)
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
+def _to_8bit(image: Image.Image, factor: int = 1) -> Image.Image:
     """16-bit (and 32-bit integer) grayscale stretched to 8 bits (L) over its own min..max range.
 
     Band by band, so the float copy is :data:`_ROWS_PER_BAND` rows, never the whole image; the values
-    are those of the whole-image formula ``round((x - low) / (high - low) * 255)``. Other modes pass.
+    are those of the whole-image formula ``round((x - low) / (high - low) * 255)``. With ``factor`` > 1
+    each band is also box-averaged ``factor`` × ``factor`` (what ``Image.reduce`` does, which Pillow has
+    no 16-bit version of; trailing rows and columns short of a full box are dropped), so a huge 16-bit
+    image never exists at full size in 8 bits either. Other modes pass unchanged.
     """
     if image.mode not in _SIXTEEN_BIT_MODES:
         return image
     low, high = (float(value) for value in image.getextrema())
     width, height = image.size
-    out = np.zeros((height, width), dtype=np.uint8)
+    factor = max(1, min(factor, width, height))
+    out_width, out_height = width // factor, height // factor
+    out = np.zeros((out_height, out_width), dtype=np.uint8)
     if high > low:
-        for top in range(0, height, _ROWS_PER_BAND):
-            bottom = min(height, top + _ROWS_PER_BAND)
-            band = np.array(image.crop((0, top, width, bottom)), dtype=np.float64)
+        rows = max(1, _ROWS_PER_BAND // factor) * factor
+        for top in range(0, out_height * factor, rows):
+            bottom = min(out_height * factor, top + rows)
+            band = np.array(image.crop((0, top, out_width * factor, bottom)), dtype=np.float64)
+            if factor > 1:
+                shape = ((bottom - top) // factor, factor, out_width, factor)
+                band = band.reshape(shape).mean(axis=(1, 3))
             # In place, in the formula's order (so the rounding is the formula's): no band-sized temporaries.
             np.subtract(band, low, out=band)
             np.divide(band, high - low, out=band)
             np.multiply(band, 255.0, out=band)
             np.round(band, out=band)
-            out[top:bottom] = band
+            out[top // factor : bottom // factor] = band
     return Image.fromarray(out)
 
 

@@ -53,7 +53,7 @@ from models.heatmap import overlay
 from models.images import image_pixels
 from worker import metrics, repository
 from worker.db import session_scope
-from worker.decode_budget import shared_budget
+from worker.decode_budget import return_large_buffers_to_the_os, shared_budget
 from worker.errors import (
     BadObjectError,
     ObjectChangedError,
@@ -179,6 +179,7 @@ def score_batch(
         TransientError: some images could not be fetched or written; the others are committed.
     """
     started = time.perf_counter()
+    return_large_buffers_to_the_os()
     loaded = model() if callable(model) else model
     result = BatchResult(model_version=loaded.version)
     work = _pending(session_factory, list(dict.fromkeys(image_ids)), loaded.version, result)
