@@ -25,13 +25,50 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+#: Decoding for a model input of ``size``² reduces an image by an integer factor first (JPEG: in the
+#: decoder, ``Image.draft``; others: ``Image.reduce``) only when its short side is at least this many
+#: times ``size``; the bilinear resize then still averages over >= 4 pixels per output pixel, so the
+#: result is indistinguishable from a direct resize (Pillow's ``reducing_gap`` rule, conservatively).
+#: Ordinary images (the 512² Dacon set at 224 px) are far below it and decode exactly as before.
+REDUCE_GAP = 4
 
-def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = 64_000_000) -> Image.Image:
+#: Rows converted at a time when 16-bit data is reduced to 8 bits: the float copy is one band, not the
+#: whole image (an 8000² image as one float64 array is 512 MB, three of them were made).
+_ROWS_PER_BAND = 256
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def image_pixels(data: bytes, *, name: str = "<bytes>") -> int:
+    """The pixel count from the header alone (nothing is decoded): what a decode of ``data`` will hold.
+
+    The worker reserves this many pixels of its decode budget before decoding. Undecodable data gives 1
+    (the decode that follows reports it properly).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Exception:  # any failure is reported by decode_image, with its reason
+        return 1
+    return max(1, width * height)
+
+
+def decode_image(
+    data: bytes, *, name: str = "<bytes>", max_pixels: int = 64_000_000, size: int | None = None
+) -> Image.Image:
     """Decode bytes into an RGB :class:`PIL.Image.Image`.
 
     Grayscale, palette, 16-bit and RGBA images are converted to RGB (alpha composited on black, as a
     transparent background carries no texture). The pixel count is checked from the header *before*
-    decoding, against decompression bombs.
+    decoding, against decompression bombs. Multi-frame files (animated GIF/WebP, multi-page TIFF) give
+    their first frame.
+
+    ``size``: the caller wants the model input (``size``², exactly :func:`resize_for_model`), so the
+    full-size RGB image is never made: a grayscale image is resized before it becomes RGB (the same
+    pixels, a third of the memory), and an image at least :data:`REDUCE_GAP` × ``size`` on its short side
+    is first reduced by an integer factor, in the JPEG decoder where possible.
     """
     if not data:
         raise BadImageError(name, "empty file (0 bytes)")
@@ -46,6 +83,9 @@ def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = 64_000
                 )
             if width < 1 or height < 1:
                 raise BadImageError(name, f"degenerate size {width}x{height}")
+            if size is not None and image.format == "JPEG" and _reduction(image.size, size) > 1:
+                factor = _reduction(image.size, size)
+                image.draft(image.mode, (width // factor, height // factor))
             image.load()
     except BadImageError:
         raise
@@ -55,7 +95,27 @@ def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = 64_000
         raise BadImageError(name, f"refused as a decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImageError(name, f"cannot be decoded, probably truncated or corrupt ({exc})") from exc
-    return _to_rgb(image)
+    if size is None:
+        return _to_rgb(image)
+    return _to_model_input(image, size)
+
+
+def _reduction(image_size: tuple[int, int], size: int) -> int:
+    """The integer factor an image may be reduced by before resizing to ``size`` (1: none)."""
+    return max(1, min(image_size) // (size * REDUCE_GAP))
+
+
+def _to_model_input(image: Image.Image, size: int) -> Image.Image:
+    """``resize_for_model(_to_rgb(image), size)`` without holding the full-size RGB image."""
+    factor = _reduction(image.size, size)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _to_8bit(image, factor)  # reduced in the same pass
+    elif factor > 1 and image.mode in ("L", "RGB"):
+        image = image.reduce(factor)
+    if image.mode == "L":
+        # Resizing L then copying it to three bands gives exactly the bands of resizing the RGB copy.
+        return resize_for_model(image, size).convert("RGB")
+    return resize_for_model(_to_rgb(image), size)
 
 
 def load_image_file(path: str | Path, *, max_pixels: int = 64_000_000) -> Image.Image:
@@ -68,14 +128,43 @@ def load_image_file(path: str | Path, *, max_pixels: int = 64_000_000) -> Image.
     return decode_image(data, name=str(path), max_pixels=max_pixels)
 
 
+def _to_8bit(image: Image.Image, factor: int = 1) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale stretched to 8 bits (L) over its own min..max range.
+
+    Band by band, so the float copy is :data:`_ROWS_PER_BAND` rows, never the whole image; the values
+    are those of the whole-image formula ``round((x - low) / (high - low) * 255)``. With ``factor`` > 1
+    each band is also box-averaged ``factor`` × ``factor`` (what ``Image.reduce`` does, which Pillow has
+    no 16-bit version of; trailing rows and columns short of a full box are dropped), so a huge 16-bit
+    image never exists at full size in 8 bits either. Other modes pass unchanged.
+    """
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image
+    low, high = (float(value) for value in image.getextrema())
+    width, height = image.size
+    factor = max(1, min(factor, width, height))
+    out_width, out_height = width // factor, height // factor
+    out = np.zeros((out_height, out_width), dtype=np.uint8)
+    if high > low:
+        rows = max(1, _ROWS_PER_BAND // factor) * factor
+        for top in range(0, out_height * factor, rows):
+            bottom = min(out_height * factor, top + rows)
+            band = np.array(image.crop((0, top, out_width * factor, bottom)), dtype=np.float64)
+            if factor > 1:
+                shape = ((bottom - top) // factor, factor, out_width, factor)
+                band = band.reshape(shape).mean(axis=(1, 3))
+            # In place, in the formula's order (so the rounding is the formula's): no band-sized temporaries.
+            np.subtract(band, low, out=band)
+            np.divide(band, high - low, out=band)
+            np.multiply(band, 255.0, out=band)
+            np.round(band, out=band)
+            out[top // factor : bottom // factor] = band
+    return Image.fromarray(out)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    image = _to_8bit(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

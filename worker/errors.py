@@ -56,3 +56,16 @@ class QueueUnavailableError(TransientError):
 
 class EventSubmitError(TransientError):
     """The submit callback raised; the upstream message was kept for redelivery."""
+
+
+class ObjectChangedError(PermanentError):
+    """The object was overwritten since it was registered: its ETag no longer matches the row's.
+
+    Permanent for that row (its bytes are gone), so scoring marks it ``superseded`` and registers the
+    current version instead of scoring the new bytes under the old row.
+    """
+
+    def __init__(self, message: str, *, expected_etag: str, current_etag: str | None = None) -> None:
+        super().__init__(message)
+        self.expected_etag = expected_etag
+        self.current_etag = current_etag

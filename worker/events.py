@@ -31,8 +31,9 @@ from worker.errors import BadEventError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-"""Suffixes accepted by ``filter_events`` when the caller does not name any."""
+DEFAULT_IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+"""Suffixes accepted by ``filter_events`` when the caller does not name any (and scored by the worker:
+Pillow decodes them all; animated GIF/WebP and multi-page TIFF give their first frame)."""
 
 _EXCERPT_CHARS = 200
 _MAX_ENVELOPE_DEPTH = 4
@@ -102,6 +103,24 @@ def filter_events(
             continue
         kept.append(event)
     return kept
+
+
+def unsupported_type_reason(key: str, suffixes: Sequence[str] = DEFAULT_IMAGE_SUFFIXES) -> str | None:
+    """Why the object ``key`` is not scored (its name has no image suffix), or None when it is an image.
+
+    Ingest and reconciliation register such an object under ``incoming/`` as ``skipped`` with this
+    reason, so every dropped object is accounted for in SQL instead of vanishing.
+    """
+    lowered = tuple(suffix.lower() for suffix in suffixes)
+    if not lowered or key.lower().endswith(lowered):
+        return None
+    name = key.rsplit("/", 1)[-1]
+    suffix = name[name.rfind(".") :].lower() if "." in name.lstrip(".") else ""
+    what = f"type {suffix!r}" if suffix else "a name without a file suffix"
+    return (
+        f"unsupported file {what}: only {', '.join(lowered)} are scored; "
+        "convert it to one of these, or add its suffix to the image suffixes if Pillow reads it"
+    )
 
 
 def excerpt(body: object, limit: int = _EXCERPT_CHARS) -> str:

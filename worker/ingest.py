@@ -4,7 +4,9 @@
 parsed events. For each call it
 
 1. keeps events of the configured bucket under the ``incoming/`` (scored) or ``nominal/`` (training
-   pool, registered but not scored) prefix and with an image suffix;
+   pool, registered but not scored) prefix and with an image suffix; an incoming object of another type
+   is registered as ``skipped`` with the reason (:func:`worker.events.unsupported_type_reason`), so it is
+   accounted for; hidden and half-written names (``.tmp``, ``.part``) and folder markers are ignored;
 2. registers them in **one committed transaction** (``register_image`` is idempotent), so when
    :meth:`Ingestor.submit` returns, the database row is the durable record of the object and the
    source may acknowledge upstream;
@@ -34,8 +36,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker import metrics, repository
 from worker.db import session_scope
-from worker.events import DEFAULT_IMAGE_SUFFIXES, ObjectEvent
+from worker.events import DEFAULT_IMAGE_SUFFIXES, ObjectEvent, unsupported_type_reason
 from worker.settings import Settings
+from worker.storage import is_ignored_name
 
 __all__ = [
     "SOURCES",
@@ -206,34 +209,37 @@ class Ingestor:
 
     def submit(self, events: Sequence[ObjectEvent]) -> list[int]:
         """Register ``events`` (committed) and batch the incoming ones; returns the ids handed to the batcher."""
-        wanted: list[tuple[ObjectEvent, str]] = []
+        wanted: list[tuple[ObjectEvent, str, str | None]] = []
         for event in events:
             kind = self.prefixes.kind_of(event.key)
+            unsupported = unsupported_type_reason(event.key, self._suffixes)
             if event.bucket != self.bucket:
                 logger.warning(
                     "ignoring %s/%s: ingest is configured for bucket %s", event.bucket, event.key, self.bucket
                 )
-            elif kind is None or not event.key.lower().endswith(self._suffixes):
+            elif kind is None or (unsupported and not registers_unsupported(event.key, kind)):
                 logger.debug("ignoring %s: not an image under an incoming or nominal prefix", event.key)
             else:
-                wanted.append((event, kind))
+                wanted.append((event, kind, unsupported))
         if not wanted:
             return []
         to_score: list[int] = []
         with session_scope(self._session_factory) as session:
-            for event, kind in wanted:
+            for event, kind, unsupported in wanted:
                 image, created = repository.register_image(
                     session,
                     bucket=event.bucket,
                     key=event.key,
-                    etag=event.version_id or event.etag,
+                    etag=event.etag,
+                    version_id=event.version_id,
                     size=event.size,
                     metadata=self._key_metadata(event.key),
                     kind=kind,
+                    skip_reason=unsupported,
                 )
-                outcome = "new" if created else "known"
+                outcome = "unsupported" if unsupported else "new" if created else "known"
                 metrics.EVENTS_REGISTERED.labels(kind=kind, outcome=outcome).inc()
-                if kind == "incoming" and (created or image.status == "queued"):
+                if kind == "incoming" and not unsupported and (created or image.status == "queued"):
                     to_score.append(image.id)
         self.batcher.add(to_score)
         return to_score
@@ -241,6 +247,12 @@ class Ingestor:
     def close(self) -> None:
         """Enqueue what is still batched (call before the process exits)."""
         self.batcher.close()
+
+
+def registers_unsupported(key: str, kind: str) -> bool:
+    """Whether an object that is not an image still gets a (``skipped``) row: incoming objects do, except
+    folder markers (``incoming/x/``) and hidden or half-written names an uploader is still writing."""
+    return kind == "incoming" and not key.endswith("/") and not is_ignored_name(key.rsplit("/", 1)[-1])
 
 
 def make_ingestor(

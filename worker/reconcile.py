@@ -1,11 +1,14 @@
 """Reconciliation: make the database agree with the bucket, so a lost notification delays but never loses.
 
-:func:`reconcile` lists the ``incoming/`` and ``nominal/`` prefixes, registers every image object that
-has no ``images`` row (by key) and enqueues the new incoming ones; then it re-enqueues incoming images
-that have been ``queued`` for longer than ``stale_after_s`` (an enqueue lost between the ingest commit and
-the broker, or a message dropped by a broker restart). A re-enqueued image's ``status_changed_at`` is
-bumped in the same conditional UPDATE, so the next run waits another ``stale_after_s`` before sending it
-again, and a long but healthy queue is not flooded with duplicates.
+:func:`reconcile` lists the ``incoming/`` and ``nominal/`` prefixes, registers every image object whose
+*version* has no ``images`` row (its key and ETag: an overwrite whose notification was lost is found
+although its key has rows; a HEAD gives its version id on a versioned bucket) and enqueues the new
+incoming ones; an incoming object that is not a supported image gets a ``skipped`` row with the
+reason. Then it re-enqueues incoming images that have been ``queued`` for longer than ``stale_after_s``
+(an enqueue lost between the ingest commit and the broker, or a message dropped by a broker restart).
+A re-enqueued image's ``status_changed_at`` is bumped in the same conditional UPDATE, so the next run
+waits another ``stale_after_s`` before sending it again, and a long but healthy queue is not flooded
+with duplicates.
 
 Run it from ``waferwatch reconcile`` or the ``waferwatch.reconcile`` task (which the beat schedule of the
 retraining issue calls periodically). Safe to run concurrently with ingest and with itself: registration
@@ -25,10 +28,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker import repository
 from worker.db import session_scope
-from worker.events import DEFAULT_IMAGE_SUFFIXES
-from worker.ingest import Enqueue, Prefixes
+from worker.errors import ObjectMissingError
+from worker.events import DEFAULT_IMAGE_SUFFIXES, unsupported_type_reason
+from worker.ingest import Enqueue, Prefixes, registers_unsupported
 from worker.schema import Image, utcnow
-from worker.storage import ObjectStore
+from worker.storage import ObjectInfo, ObjectStore
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -71,26 +75,35 @@ def reconcile(
     lowered = tuple(suffix.lower() for suffix in suffixes)
     to_score: list[int] = []
     for kind, prefix in (("incoming", prefixes.incoming), ("nominal", prefixes.nominal)):
-        listing = {info.key: info for info in store.list(prefix) if info.key.lower().endswith(lowered)}
+        listing = [
+            info
+            for info in store.list(prefix)
+            if info.key.lower().endswith(lowered) or registers_unsupported(info.key, kind)
+        ]
         report.listed[kind] = len(listing)
         with session_scope(session_factory) as session:
-            missing = repository.images_without_rows(session, bucket=store.bucket, keys=listing)
+            missing = repository.versions_without_rows(session, bucket=store.bucket, objects=listing)
         registered = 0
         for start in range(0, len(missing), _REGISTER_CHUNK):
+            versions = [_current_version(store, info) for info in missing[start : start + _REGISTER_CHUNK]]
             with session_scope(session_factory) as session:
-                for key in missing[start : start + _REGISTER_CHUNK]:
-                    info = listing[key]
+                for info in versions:
+                    if info is None:
+                        continue
+                    unsupported = unsupported_type_reason(info.key, lowered)
                     image, created = repository.register_image(
                         session,
                         bucket=store.bucket,
-                        key=key,
+                        key=info.key,
                         etag=info.etag,
+                        version_id=info.version_id,
                         size=info.size,
-                        metadata=key_metadata(key),
+                        metadata=key_metadata(info.key),
                         kind=kind,
+                        skip_reason=unsupported,
                     )
                     registered += int(created)
-                    if kind == "incoming" and (created or image.status == "queued"):
+                    if kind == "incoming" and not unsupported and (created or image.status == "queued"):
                         to_score.append(image.id)
         report.registered[kind] = registered
         if registered:
@@ -103,6 +116,16 @@ def reconcile(
         report.tasks += 1
     report.enqueued_images = len(to_score)
     return report
+
+
+def _current_version(store: ObjectStore, listed: ObjectInfo) -> ObjectInfo | None:
+    """The listed object with its version id (a listing has none; a HEAD on a versioned bucket does), so
+    the row matches the one ingest registers from the notification; None if it was deleted meanwhile. A
+    HEAD that shows a newer ETag than the listing is fine: that newer version is the one to register."""
+    try:
+        return store.head(listed.key)
+    except ObjectMissingError:
+        return None
 
 
 def _claim_stale(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 from sqlalchemy import Select, Table, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -32,6 +32,7 @@ __all__ = [
     "known_keys",
     "latest_inference",
     "mark_skipped",
+    "mark_superseded",
     "record_failure",
     "record_inference",
     "register_image",
@@ -39,6 +40,7 @@ __all__ = [
     "set_image_sha256",
     "summary",
     "update_model_version",
+    "versions_without_rows",
 ]
 
 MAX_MESSAGE_CHARS: Final = 4000
@@ -80,18 +82,27 @@ def register_image(
     size: int | None,
     metadata: Mapping[str, str] | None = None,
     kind: str = "incoming",
+    version_id: str | None = None,
+    skip_reason: str | None = None,
 ) -> tuple[Image, bool]:
     """Return the ``images`` row of this object version, inserting it if new; ``created`` says which.
 
-    Safe to call any number of times, from any number of processes: the insert is ``ON CONFLICT DO
-    NOTHING`` on (bucket, key, etag_or_version), and the row is then read back. On PostgreSQL a racing
-    insert waits for the other transaction and then finds its row. ``lot``, ``wafer`` and ``tool`` are
-    copied out of ``metadata`` into indexed columns.
+    An object version is its ``version_id`` on a versioned bucket, else its ``etag``; both are stored
+    (scoring reads exactly that version, reconciliation compares ETags), and the one that identifies it
+    is the unique key ``etag_or_version``. Safe to call any number of times, from any number of
+    processes: the insert is ``ON CONFLICT DO NOTHING`` on (bucket, key, etag_or_version), and the row
+    is then read back. On PostgreSQL a racing insert waits for the other transaction and then finds its
+    row. A row registered before migration 0003 learns its ETag here (first writer wins). ``lot``,
+    ``wafer`` and ``tool`` are copied out of ``metadata`` into indexed columns. ``skip_reason`` inserts
+    the row as ``skipped`` with that reason (an object that is not a supported image: accounted for,
+    never scored).
     """
     if kind not in IMAGE_KINDS:
         raise ValueError(f"kind must be one of {IMAGE_KINDS}, got {kind!r}")
     meta = dict(metadata or {})
-    etag_or_version = etag or ""
+    etag = etag or None
+    version_id = version_id or None
+    etag_or_version = version_id or etag or ""
     now = utcnow()
     statement = (
         _insert(session, Image.__table__)
@@ -99,11 +110,14 @@ def register_image(
             bucket=bucket,
             key=key,
             etag_or_version=etag_or_version,
+            etag=etag,
+            version_id=version_id,
             size=size,
             metadata=meta,
             kind=kind,
             first_seen_at=now,
-            status="queued",
+            status="queued" if skip_reason is None else "skipped",
+            status_reason=None if skip_reason is None else _truncate(skip_reason),
             status_changed_at=now,
             **{column: meta.get(column) or None for column in METADATA_COLUMNS},
         )
@@ -111,8 +125,22 @@ def register_image(
         .returning(Image.id)
     )
     inserted_id = session.execute(statement).scalar_one_or_none()
+    if inserted_id is None and etag is not None:
+        session.execute(
+            update(Image)
+            .where(
+                Image.bucket == bucket,
+                Image.key == key,
+                Image.etag_or_version == etag_or_version,
+                Image.etag.is_(None),
+            )
+            .values(etag=etag)
+            .execution_options(synchronize_session=False)
+        )
     image = session.scalars(
-        select(Image).where(Image.bucket == bucket, Image.key == key, Image.etag_or_version == etag_or_version)
+        select(Image)
+        .where(Image.bucket == bucket, Image.key == key, Image.etag_or_version == etag_or_version)
+        .execution_options(populate_existing=True)
     ).one()
     return image, inserted_id is not None
 
@@ -147,6 +175,92 @@ def images_without_rows(session: Session, *, bucket: str, keys: Iterable[str]) -
         chunk = wanted[start : start + _IN_CHUNK]
         found.update(session.scalars(select(Image.key).where(Image.bucket == bucket, Image.key.in_(chunk))))
     return [key for key in wanted if key not in found]
+
+
+class ListedObject(Protocol):
+    """What reconciliation knows of a listed object (``worker.storage.ObjectInfo`` fits)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def etag(self) -> str: ...
+
+
+_Listed = TypeVar("_Listed", bound=ListedObject)
+
+
+def versions_without_rows(session: Session, *, bucket: str, objects: Iterable[_Listed]) -> list[_Listed]:
+    """The listed objects (in their order, first of each key) whose *version* has no ``images`` row.
+
+    A version is known when a row of its key has its ETag (``etag``, or ``etag_or_version`` for rows
+    registered before the ETag had a column of its own). So an overwrite whose notification was lost
+    shows up here although its key has rows. A key whose rows have no ETag at all (a source that sent
+    none) cannot be compared and counts as known, as before. Chunked like :func:`images_without_rows`.
+    """
+    first_by_key: dict[str, _Listed] = {}
+    for item in objects:
+        first_by_key.setdefault(item.key, item)
+    wanted = list(first_by_key.values())
+    known: set[tuple[str, str]] = set()
+    keys_without_etag: set[str] = set()
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = [item.key for item in wanted[start : start + _IN_CHUNK]]
+        rows = session.execute(
+            select(Image.key, Image.etag, Image.etag_or_version).where(Image.bucket == bucket, Image.key.in_(chunk))
+        )
+        for key, etag, etag_or_version in rows:
+            if not etag and not etag_or_version:
+                keys_without_etag.add(key)
+            known.update((key, value) for value in (etag, etag_or_version) if value)
+    return [item for item in wanted if (item.key, item.etag) not in known and item.key not in keys_without_etag]
+
+
+def mark_superseded(
+    session: Session,
+    *,
+    image_id: int,
+    etag: str,
+    version_id: str | None,
+    size: int | None,
+) -> tuple[Image, bool] | None:
+    """The object of ``image_id`` was overwritten before it was scored: register the current version
+    (``etag``/``version_id``/``size`` from a HEAD) and mark the old row ``superseded`` by it.
+
+    Returns the new version's row and whether it was created (the caller enqueues it when it was), or
+    None when the old row is gone or no longer ``queued`` (scored or recorded meanwhile: left alone).
+    The new row copies the old one's bucket, key, kind and metadata (they come from the key).
+    """
+    old = session.get(Image, image_id, populate_existing=True)
+    if old is None or old.status != "queued":
+        return None
+    new, created = register_image(
+        session,
+        bucket=old.bucket,
+        key=old.key,
+        etag=etag,
+        version_id=version_id,
+        size=size,
+        metadata=old.meta,
+        kind=old.kind,
+    )
+    if new.id == old.id:
+        raise ValueError(f"image {image_id} cannot be superseded by itself (ETag {etag!r} is its own)")
+    session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status == "queued")
+        .values(
+            status="superseded",
+            superseded_by=new.id,
+            status_reason=_truncate(
+                f"overwritten before it was scored: ETag {old.etag or old.etag_or_version!r} is now "
+                f"{etag!r}; image {new.id} is the current version"
+            ),
+            status_changed_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return new, created
 
 
 def mark_skipped(session: Session, *, image_id: int, reason: str) -> None:

@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 IMAGE_KINDS: Final = ("incoming", "nominal")
-IMAGE_STATUSES: Final = ("queued", "scored", "failed", "skipped")
+IMAGE_STATUSES: Final = ("queued", "scored", "failed", "skipped", "superseded")
 MODEL_STATUSES: Final = ("building", "candidate", "active", "retired", "failed")
 LABEL_VERDICTS: Final = ("good", "defect")
 
@@ -148,6 +148,14 @@ class Image(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
     status_reason: Mapped[str | None] = mapped_column(Text)
     status_changed_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    # The object version this row stands for, kept apart (``etag_or_version`` holds one or the other):
+    # scoring reads exactly these bytes (GET by ``version_id`` on a versioned bucket, else If-Match on
+    # ``etag``) and reconciliation compares listed ETags with ``etag`` (migration 0003_object_versions).
+    etag: Mapped[str | None] = mapped_column(Text)
+    version_id: Mapped[str | None] = mapped_column(Text)
+    # Status ``superseded``: the object was overwritten before this row was scored; the row of the
+    # version that replaced it (no foreign key: image rows are never deleted by the pipeline).
+    superseded_by: Mapped[int | None] = mapped_column(BigInteger)
 
     def __repr__(self) -> str:
         return f"Image(id={self.id!r}, bucket={self.bucket!r}, key={self.key!r}, status={self.status!r})"

@@ -16,11 +16,20 @@ of this batch. The stages overlap, so the model is rarely kept waiting:
 * once every heatmap is written, all inferences, statuses and content hashes of the batch are written in
   one transaction (all writes of an image are in it), so a row never points at a missing heatmap.
 
+A row scores exactly the bytes it registered: on a versioned bucket the fetch reads its ``version_id``,
+otherwise it sends ``If-Match`` with its ``etag``. If the object was overwritten meanwhile, the row is
+``superseded`` by a row for the current version (registered here, from a HEAD), which is enqueued with
+``enqueue`` when given; it is never scored with the new bytes. Decodes hold pixels of a process-wide
+budget (``decode_pixel_budget``, default ``max_image_pixels``: one image of the largest allowed size at a
+time, or any number of ordinary ones), and decode straight to the model's input size, so eight 8000²
+16-bit PNGs no longer hold eight full-size copies at once.
+
 Outcomes per image: a missing object is ``skipped`` (it was deleted; nothing to retry); an empty,
-oversized, corrupt or non-image object gets a ``failures`` row and status ``failed``; neither is retried,
-and one such image never stops the rest of its batch. A transient error (storage or database down) on
-some images does not stop the others either: the rest are committed first, then the error is raised so
-the task retries, and the retry skips what is already scored (``has_inference``).
+oversized, corrupt or non-image object gets a ``failures`` row and status ``failed``; an overwritten one
+is ``superseded``; none is retried, and one such image never stops the rest of its batch. A transient
+error (storage or database down) on some images does not stop the others either: the rest are committed
+first, then the error is raised so the task retries, and the retry skips what is already scored
+(``has_inference``).
 """
 
 from __future__ import annotations
@@ -42,20 +51,28 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import BadImageError, ImageScore, decode_image
 from models.heatmap import heatmap_png  # re-exported: the overlay every scorer writes
-from models.images import resize_for_model
+from models.images import image_pixels
 from worker import metrics, repository
 from worker.db import session_scope
-from worker.errors import BadObjectError, ObjectMissingError, PermanentError, TransientError
+from worker.decode_budget import return_large_buffers_to_the_os, shared_budget
+from worker.errors import (
+    BadObjectError,
+    ObjectChangedError,
+    ObjectMissingError,
+    PermanentError,
+    StorageUnavailableError,
+    TransientError,
+)
 from worker.model_provider import LoadedModel
 from worker.schema import Image, Inference
-from worker.storage import ObjectStore
+from worker.storage import ObjectInfo, ObjectStore
 
 __all__ = ["BatchResult", "ScoringOptions", "heatmap_key", "heatmap_png", "record_gave_up", "score_batch"]
 
 logger = logging.getLogger(__name__)
 
 #: Statuses after which an image is never picked up again by a plain redelivery.
-_FINAL_STATUSES = ("failed", "skipped")
+_FINAL_STATUSES = ("failed", "skipped", "superseded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +86,12 @@ class ScoringOptions:
     fetch_threads: int = 8
     heatmaps: str = "all"  # all | anomalous | none: which scored images get a heatmap PNG
     model_chunk: int | None = None  # images per model call; None: 8 on a CPU, the whole batch on a GPU
+    decode_pixel_budget: int | None = None  # pixels decoded at once in a process; None: max_image_pixels
+
+    @property
+    def pixel_budget(self) -> int:
+        """The decode budget in pixels (``decode_pixel_budget``, else ``max_image_pixels``)."""
+        return self.decode_pixel_budget or self.max_image_pixels
 
 
 @dataclass
@@ -80,6 +103,8 @@ class BatchResult:
     already_done: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    superseded: list[int] = field(default_factory=list)
+    registered: list[int] = field(default_factory=list)  # new rows of overwritten objects' current versions
     retry: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -93,6 +118,16 @@ class _Work:
     image_id: int
     bucket: str
     key: str
+    etag: str | None = None
+    version_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Overwritten:
+    """The fetch found a newer version than the row's: what a HEAD says the object is now."""
+
+    error: ObjectChangedError
+    current: ObjectInfo
 
 
 @dataclass(slots=True)
@@ -119,16 +154,19 @@ def score_batch(
     store: ObjectStore,
     model: LoadedModel | Callable[[], LoadedModel],
     options: ScoringOptions,
+    enqueue: Callable[[Sequence[int]], None] | None = None,
 ) -> BatchResult:
     """Score the images of one batch that still need it; see the module docstring for every outcome.
 
     ``model`` is the loaded model or a callable returning it (``ModelProvider.current``), called once: the
-    whole batch is scored by one version.
+    whole batch is scored by one version. ``enqueue`` sends the rows registered for overwritten objects
+    (after their commit); without it they wait, ``queued``, for reconciliation.
 
     Raises:
         TransientError: some images could not be fetched or written; the others are committed.
     """
     started = time.perf_counter()
+    return_large_buffers_to_the_os()
     loaded = model() if callable(model) else model
     result = BatchResult(model_version=loaded.version)
     work = _pending(session_factory, list(dict.fromkeys(image_ids)), loaded.version, result)
@@ -155,6 +193,8 @@ def score_batch(
             finished = [(item, score, future.result()) for item, score, future in uploads]
             result.seconds["heatmap_wait"] = time.perf_counter() - waited
         _persist(finished, session_factory, loaded.version, result, transient)
+    if result.registered and enqueue is not None:
+        _enqueue_registered(enqueue, result.registered)
     result.seconds["total"] = time.perf_counter() - started
     logger.info("score_batch %s", json.dumps(result.as_dict(), sort_keys=True))
     if transient:
@@ -168,13 +208,22 @@ def _default_model_chunk(loaded: LoadedModel, batch: int) -> int:
     return batch if loaded.ensemble.extractor.device.type == "cuda" else 8
 
 
+def _enqueue_registered(enqueue: Callable[[Sequence[int]], None], image_ids: list[int]) -> None:
+    """Send the current versions of overwritten objects; their rows are committed, so a lost send only
+    delays them (reconciliation re-sends ``queued`` rows) and must not fail the batch that found them."""
+    try:
+        enqueue(image_ids)
+    except Exception:
+        logger.exception("could not enqueue %d re-registered images; reconciliation will send them", len(image_ids))
+
+
 def _add_seconds(result: BatchResult, stage: str, seconds: float) -> None:
     result.seconds[stage] = result.seconds.get(stage, 0.0) + seconds
 
 
 def _collect(
     work: Sequence[_Work],
-    fetches: Sequence[Future[_Fetched | Exception]],
+    fetches: Sequence[Future[_Fetched | _Overwritten | Exception]],
     session_factory: sessionmaker[Session],
     result: BatchResult,
 ) -> list[_Fetched | TransientError]:
@@ -189,6 +238,8 @@ def _collect(
         elif isinstance(outcome, TransientError):
             ready.append(outcome)
             result.retry.append(item.image_id)
+        elif isinstance(outcome, _Overwritten):
+            _record_overwritten(session_factory, item, outcome, result)
         else:
             _record_permanent(session_factory, item, outcome, result)
     return ready
@@ -202,7 +253,9 @@ def _pending(
         return []
     with session_scope(session_factory) as session:
         rows = session.execute(
-            select(Image.id, Image.bucket, Image.key, Image.kind, Image.status).where(Image.id.in_(image_ids))
+            select(Image.id, Image.bucket, Image.key, Image.kind, Image.status, Image.etag, Image.version_id).where(
+                Image.id.in_(image_ids)
+            )
         ).all()
         done = set(
             session.scalars(
@@ -216,32 +269,74 @@ def _pending(
         if row is None or row.kind != "incoming" or image_id in done or row.status in _FINAL_STATUSES:
             result.already_done.append(image_id)
             continue
-        work.append(_Work(image_id, row.bucket, row.key))
+        work.append(_Work(image_id, row.bucket, row.key, row.etag, row.version_id))
     return work
 
 
 def _fetch_and_decode(
     item: _Work, store: ObjectStore, options: ScoringOptions, image_size: int
-) -> _Fetched | Exception:
-    """Fetch, decode and resize one image to the model's input size; the error is returned (not raised) so
-    the batch goes on. Resizing here takes it off the model's thread, frees the full-size pixels early, and
-    the heatmap reuses the result (it is drawn at the anomaly map's size, which is the input size)."""
+) -> _Fetched | _Overwritten | Exception:
+    """Fetch the registered version, decode it to the model's input size within the pixel budget; the
+    error is returned (not raised) so the batch goes on. Resizing here takes it off the model's thread,
+    never holds the full-size RGB image, and the heatmap reuses the result (it is drawn at the anomaly
+    map's size, which is the input size)."""
     try:
         if item.bucket != store.bucket:
             raise BadObjectError(
                 f"image {item.image_id} is in bucket {item.bucket!r} but this worker reads {store.bucket!r}"
             )
         begin = time.perf_counter()
-        stored = store.get(item.key, max_bytes=options.max_object_bytes)
+        try:
+            stored = store.get(
+                item.key,
+                max_bytes=options.max_object_bytes,
+                version_id=item.version_id,
+                if_match=None if item.version_id else item.etag,
+            )
+        except ObjectChangedError as exc:
+            return _overwritten(item, store, exc)
         downloaded = time.perf_counter()
-        image = decode_image(stored.data, name=item.key, max_pixels=options.max_image_pixels)
-        image = resize_for_model(image, image_size)
+        with shared_budget(options.pixel_budget).hold(image_pixels(stored.data)):
+            image = decode_image(stored.data, name=item.key, max_pixels=options.max_image_pixels, size=image_size)
         decoded = time.perf_counter()
     except (PermanentError, TransientError, BadImageError) as exc:
         return exc
     metrics.observe_stage("download", downloaded - begin)
     metrics.observe_stage("decode", decoded - downloaded)
     return _Fetched(item, image, hashlib.sha256(stored.data).hexdigest(), downloaded - begin, decoded - downloaded)
+
+
+def _overwritten(item: _Work, store: ObjectStore, error: ObjectChangedError) -> _Overwritten | Exception:
+    """What the object is now (a HEAD), to register it; a deleted object is simply missing."""
+    try:
+        current = store.head(item.key)
+    except (PermanentError, TransientError) as exc:
+        return exc
+    if current.etag == error.expected_etag:  # overwritten again with the registered bytes: read it again
+        return StorageUnavailableError(
+            f"{item.bucket}/{item.key} changed while it was read (ETag {error.expected_etag!r} again); retry"
+        )
+    return _Overwritten(error, current)
+
+
+def _record_overwritten(
+    session_factory: sessionmaker[Session], item: _Work, outcome: _Overwritten, result: BatchResult
+) -> None:
+    """The row's bytes are gone: mark it ``superseded`` and register the current version (one transaction)."""
+    current = outcome.current
+    with session_scope(session_factory) as session:
+        registered = repository.mark_superseded(
+            session, image_id=item.image_id, etag=current.etag, version_id=current.version_id, size=current.size
+        )
+    if registered is None:  # recorded meanwhile by another worker
+        result.already_done.append(item.image_id)
+        return
+    new, created = registered
+    result.superseded.append(item.image_id)
+    if created:
+        result.registered.append(new.id)
+    metrics.IMAGES_SKIPPED.labels(reason="superseded").inc()
+    logger.warning("image %s (%s) superseded by image %s: %s", item.image_id, item.key, new.id, outcome.error)
 
 
 def _record_permanent(

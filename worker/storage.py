@@ -35,6 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.errors import (
     BadObjectError,
+    ObjectChangedError,
     ObjectMissingError,
     StorageUnavailableError,
     WaferwatchError,
@@ -59,6 +60,7 @@ class ObjectInfo:
     etag: str
     size: int
     last_modified: datetime
+    version_id: str | None = None  # set by ``head`` on a versioned S3 bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +83,14 @@ class ObjectStore(Protocol):
         """Bucket name recorded with every image (for a folder: its label)."""
         ...
 
-    def get(self, key: str, *, max_bytes: int, version_id: str | None = None) -> StoredObject:
-        """Fetch an object's bytes, refusing empty objects and ones larger than ``max_bytes``."""
+    def get(
+        self, key: str, *, max_bytes: int, version_id: str | None = None, if_match: str | None = None
+    ) -> StoredObject:
+        """Fetch an object's bytes, refusing empty objects and ones larger than ``max_bytes``.
+
+        ``version_id`` reads that version (versioned buckets); ``if_match`` refuses, with
+        ``ObjectChangedError``, an object whose ETag is no longer this one (it was overwritten).
+        """
         ...
 
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> ObjectInfo:
@@ -171,13 +179,33 @@ class S3Store:
         """The S3 bucket name."""
         return self._bucket
 
-    def get(self, key: str, *, max_bytes: int, version_id: str | None = None) -> StoredObject:
-        """Fetch ``key``; the size is checked from ``ContentLength`` before the body is read."""
+    def get(
+        self, key: str, *, max_bytes: int, version_id: str | None = None, if_match: str | None = None
+    ) -> StoredObject:
+        """Fetch ``key``; the size is checked from ``ContentLength`` before the body is read.
+
+        ``if_match`` is sent as ``If-Match``: the server answers 412 instead of the bytes of a newer
+        version. The ETag of the answer is compared too, for servers that ignore the header.
+        """
         kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": key}
         if version_id:
             kwargs["VersionId"] = version_id
-        response = self._call("get", key, self._client.get_object, **kwargs)
+        expected = normalize_etag(if_match)
+        if expected:
+            kwargs["IfMatch"] = f'"{expected}"'
+        try:
+            response = self._client.get_object(**kwargs)
+        except ClientError as exc:
+            if expected and _error_code(exc) == "PreconditionFailed":
+                raise _changed(f"{self._bucket}/{key}", expected, None) from exc
+            raise _translate("get", f"{self._bucket}/{key}", exc) from exc
+        except _BOTO_ERRORS as exc:
+            raise _translate("get", f"{self._bucket}/{key}", exc) from exc
         body = response["Body"]
+        etag = normalize_etag(response.get("ETag"))
+        if expected and etag != expected:
+            body.close()
+            raise _changed(f"{self._bucket}/{key}", expected, etag)
         try:
             size = int(response.get("ContentLength", 0))
             _check_size(key, size, max_bytes)
@@ -188,7 +216,7 @@ class S3Store:
         _check_size(key, len(data), max_bytes)
         return StoredObject(
             key=key,
-            etag=normalize_etag(response.get("ETag")),
+            etag=etag,
             version_id=response.get("VersionId") or None,
             size=len(data),
             data=data,
@@ -237,6 +265,7 @@ class S3Store:
             etag=normalize_etag(response.get("ETag")),
             size=int(response.get("ContentLength", 0)),
             last_modified=response["LastModified"],
+            version_id=response.get("VersionId") or None,
         )
 
     def delete(self, key: str) -> None:
@@ -284,6 +313,17 @@ def _error_code(exc: Exception) -> str:
     """The S3 error code of a ``ClientError`` (``NoSuchKey``, ``404``, ``SlowDown``...)."""
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
+
+
+def _changed(where: str, expected: str, current: str | None) -> ObjectChangedError:
+    """The error for an object whose ETag is no longer the registered one."""
+    now = f"now {current!r}" if current else "a newer version"
+    return ObjectChangedError(
+        f"{where} was overwritten since it was registered (ETag {expected!r}, {now}); "
+        "the registered bytes are gone -- the current version is registered and scored instead",
+        expected_etag=expected,
+        current_etag=current,
+    )
 
 
 def _translate(action: str, where: str, exc: BotoCoreError | ClientError | OSError) -> WaferwatchError:
@@ -448,10 +488,13 @@ class FolderStore:
         """The directory holding the objects."""
         return self._root
 
-    def get(self, key: str, *, max_bytes: int, version_id: str | None = None) -> StoredObject:
+    def get(
+        self, key: str, *, max_bytes: int, version_id: str | None = None, if_match: str | None = None
+    ) -> StoredObject:
         """Read a file; the size comes from ``fstat`` before any byte is read.
 
-        ``version_id`` is accepted for protocol compatibility; folders keep no versions.
+        ``version_id`` is accepted for protocol compatibility; folders keep no versions. ``if_match`` is
+        compared with the MD5 of the bytes read (the folder's ETag): ``ObjectChangedError`` if they differ.
         """
         parts = self._parts_for(key)
         with self._open_file(key, parts) as (handle, stat):
@@ -464,6 +507,8 @@ class FolderStore:
         etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
         if len(data) == stat.st_size:
             self._remember(key, stat, etag)
+        if if_match and etag != normalize_etag(if_match):
+            raise _changed(f"{self._bucket}/{key}", normalize_etag(if_match), etag)
         return StoredObject(key=key, etag=etag, version_id=None, size=len(data), data=data)
 
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> ObjectInfo:

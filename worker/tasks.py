@@ -48,6 +48,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
                 store=context.store,
                 model=context.provider.current,
                 options=context.scoring_options,
+                enqueue=make_enqueue(self.app),  # the current version of an object overwritten meanwhile
             )
         except TransientError as exc:
             if self.request.retries >= (self.max_retries or 0):
