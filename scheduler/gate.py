@@ -88,8 +88,8 @@ class GateRules:
     auroc_margin: float = 0.02
     f1_margin: float = 0.05
     max_nominal_flag_rate: float = 0.10
-    min_synthetic_recall: float = 0.5
-    synthetic_margin: float = 0.10
+    min_synthetic_recall: float = 0.3
+    synthetic_margin: float = 0.15
     min_defect_recall: float = 0.5
     min_labels: int = 10
     min_holdout: int = 10
@@ -165,9 +165,11 @@ def evaluation_keys(
     ).all()
     nominal: dict[str, None] = {}
     labelled: dict[str, int] = {}
+    seen: set[str] = set()
     for key, kind, sha256, _status, verdict in rows:
-        if key in nominal or key in labelled:
+        if key in seen:
             continue  # an older version of a key already decided on
+        seen.add(key)
         kept_for_training = (key, sha256) in trained
         if verdict == "defect":
             labelled[key] = 1

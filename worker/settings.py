@@ -209,8 +209,8 @@ class Settings(BaseSettings):
     gate_min_labels: int = Field(10, ge=1)  # labelled images of each class needed before labels count
     gate_min_defect_recall: float = Field(0.5, ge=0, le=1)  # floor: flagged share of labelled defects
     gate_synthetic: bool = True  # synthetic anomalies from held-out images (label-free check)
-    gate_min_synthetic_recall: float = Field(0.5, ge=0, le=1)  # floor: flagged share of synthetic anomalies
-    gate_synthetic_margin: float = Field(0.10, ge=0, le=1)  # candidate synthetic recall may be this much below
+    gate_min_synthetic_recall: float = Field(0.3, ge=0, le=1)  # floor: flagged share of synthetic anomalies
+    gate_synthetic_margin: float = Field(0.15, ge=0, le=1)  # candidate synthetic recall may be this much below
 
     # --- observability ---------------------------------------------------------------------------
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus /metrics of worker and ingest; 0: off
