@@ -72,13 +72,13 @@ def activate(
     """Make ``version`` active (retiring the current one) and record both events.
 
     ``how`` says which path activated it (``gate``, ``manual``, ``rollback``, ``register``); it goes into
-    both events' details with ``details``. Activating the active version records nothing.
+    both events' details, ``details`` into the ``promoted`` one. Activating the active version records
+    nothing.
     """
     previous = repository.get_active_model_version(session)
     if previous is not None and previous.id == version:
         return previous
     row = repository.set_active_model_version(session, version)
-    extra = {"how": how, **dict(details or {})}
     if previous is not None:
         record_event(
             session,
@@ -86,7 +86,7 @@ def activate(
             event="retired",
             actor=actor,
             reason=f"replaced by {version} ({how})",
-            details={**extra, "replaced_by": version},
+            details={"how": how, "replaced_by": version},
         )
     record_event(
         session,
@@ -94,6 +94,6 @@ def activate(
         event="promoted",
         actor=actor,
         reason=reason,
-        details={**extra, "replaced": previous.id if previous is not None else None},
+        details={"how": how, **dict(details or {}), "replaced": previous.id if previous is not None else None},
     )
     return row
