@@ -264,10 +264,8 @@ def missing_from_pool(session: Session, *, bucket: str, pool: Sequence[PoolImage
     active = repository.get_active_model_version(session)
     images = ((active.manifest or {}).get("training_images") or []) if active is not None else []
     have = TrainedSet(frozenset(i.key for i in pool), frozenset(i.sha256 for i in pool if i.sha256))
-    removed = TrainedSet(
-        frozenset(key for key, _, _ in removed_by_person(session, bucket=bucket)),
-        frozenset(sha for _, sha, _ in removed_by_person(session, bucket=bucket) if sha),
-    )
+    taken_out = removed_by_person(session, bucket=bucket)
+    removed = TrainedSet(frozenset(key for key, _, _ in taken_out), frozenset(sha for _, sha, _ in taken_out if sha))
     missing = [
         str(t["id"])
         for t in images

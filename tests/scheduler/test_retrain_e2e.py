@@ -406,6 +406,11 @@ def test_a_manual_promote_over_a_failed_gate_records_the_override_and_rollback_r
     ids = cluster.drop_incoming(2)
     scored = cluster.wait_scored(ids)
     assert {rows[0].model_version for rows in scored.values()} == {good_id}
+    # Re-scoring what the first model scored reports completion, not just "queued".
+    rescored = cluster.cli("rescore", "--since", "2020-01-01", "--timeout", "300")
+    output = " ".join(rescored.stderr.split())
+    assert rescored.returncode == 0, output
+    assert f"rescore by {good_id}:" in output and "0 failed, 0 not done" in output
 
 
 def _ensemble(cluster: Cluster, version: str) -> Any:

@@ -225,7 +225,7 @@ def retrain(
     from scheduler.tasks import start_rebuild
     from worker.app import context_of, create_app
     from worker.db import session_scope
-    from worker.schema import ModelVersion
+    from worker.schema import ModelEvent, ModelVersion
 
     celery_app = create_app(get_settings())
     build_id, why = start_rebuild(celery_app, "manual")
@@ -245,6 +245,13 @@ def retrain(
             if row is None:
                 recent = session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc()).limit(20))
                 built = [r for r in recent if ((r.metrics or {}).get("build") or {}).get("build_id") == build_id]
+                again = session.scalars(
+                    select(ModelEvent).where(ModelEvent.event == "rebuilt").order_by(ModelEvent.at.desc()).limit(20)
+                ).all()
+                rebuilt = [e for e in again if ((e.details or {}).get("build") or {}).get("build_id") == build_id]
+                if rebuilt:
+                    console.print(f"{rebuilt[0].model_version}: rebuilt unchanged ({rebuilt[0].reason})")
+                    raise typer.Exit(0)
         if row is not None and status == "failed":
             console.print(f"[red]build failed:[/red] {reason}")
             raise typer.Exit(1)
