@@ -45,7 +45,7 @@ from worker.settings import Settings
 BROKER_URL = "redis://127.0.0.1:6379/13"
 BUCKET = "fab-retrain"
 HOLDOUT = 0.4  # of nominal keys, by hash: large here so that a few drops give the gate enough images
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(3000)  # a shared 2-core machine can be 10x slower than idle
 
 
 def black_square(path: Path, index: int) -> bytes:
@@ -94,7 +94,7 @@ class Cluster:
         make_enqueue(self.app)(ids)
         return ids
 
-    def wait_scored(self, ids: list[int], timeout_s: float = 180.0) -> dict[int, list[Inference]]:
+    def wait_scored(self, ids: list[int], timeout_s: float = 900.0) -> dict[int, list[Inference]]:
         deadline = time.monotonic() + timeout_s
         while True:
             with session_scope(self.session_factory) as session:
@@ -108,7 +108,7 @@ class Cluster:
                 pytest.fail(f"{len(by_image)}/{len(ids)} scored after {timeout_s} s\n{self.tail()}")
             time.sleep(0.5)
 
-    def wait_build(self, since_versions: set[str], timeout_s: float = 300.0) -> ModelVersion:
+    def wait_build(self, since_versions: set[str], timeout_s: float = 2400.0) -> ModelVersion:
         """The first new version that finished its gate (stage cleared), or fail with the worker log."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -250,10 +250,10 @@ def test_nominal_drops_start_a_rebuild_that_is_promoted_and_workers_switch(clust
     before = cluster.versions()
     # Nothing new in the pool since the registered model (its own images do not count).
     assert start_rebuild(cluster.app, "count") == (None, "0 new pool images < 6")
-    keys = [f"nominal/batch1/{index:02d}.png" for index in range(20)]
+    keys = [f"nominal/batch1/{index:02d}.png" for index in range(12)]
     held = [key for key in keys if held_out(key, HOLDOUT)]
     assert len(held) >= 4, held  # deterministic: the hash of the key decides
-    for key, path in zip(keys, cluster.train_images[30:50], strict=True):
+    for key, path in zip(keys, cluster.train_images[30:42], strict=True):
         cluster.put(key, path.read_bytes(), "nominal")
     corrupt = cluster.put("nominal/batch1/corrupt.png", b"\x89PNG\r\n\x1a\n cut short", "nominal")
 
@@ -264,10 +264,11 @@ def test_nominal_drops_start_a_rebuild_that_is_promoted_and_workers_switch(clust
     stop = threading.Event()
     dropped: list[int] = []
 
-    def stream() -> None:
-        while not stop.is_set():
+    def stream() -> None:  # three batches while the build runs (the worker is shared with the build)
+        for _ in range(3):
             dropped.extend(cluster.drop_incoming(2))
-            stop.wait(3.0)
+            if stop.wait(10.0):
+                return
 
     thread = threading.Thread(target=stream, daemon=True)
     thread.start()
@@ -333,7 +334,7 @@ def test_a_candidate_trained_on_damaged_images_is_held_back_without_any_labels(c
     with session_scope(cluster.session_factory) as session:
         active_before = repository.get_active_model_version(session).id
         assert session.scalars(select(Label)).first() is None  # no labels at all
-    for index, path in enumerate(cluster.train_images[60:80]):
+    for index, path in enumerate(cluster.train_images[60:76]):
         cluster.put(f"nominal/mislabelled/{index:02d}.png", black_square(path, index + 7), "nominal")
     before = cluster.versions()
     build_id, why = start_rebuild(cluster.app, "manual")  # what `waferwatch retrain` does
@@ -359,7 +360,7 @@ def test_a_rebuild_of_an_unchanged_pool_leaves_the_history_intact_and_adds_an_ev
     before = cluster.versions()
     build_id, why = start_rebuild(cluster.app, "manual")
     assert build_id is not None, why
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 2400
     while True:
         with session_scope(cluster.session_factory) as session:
             rebuilt = session.scalars(
@@ -371,7 +372,7 @@ def test_a_rebuild_of_an_unchanged_pool_leaves_the_history_intact_and_adds_an_ev
         if rebuilt is not None and build is None:
             break
         if time.monotonic() > deadline:
-            pytest.fail(f"no rebuilt event after 600 s\n{cluster.tail()}")
+            pytest.fail(f"no rebuilt event after 2400 s\n{cluster.tail()}")
         time.sleep(0.5)
 
     after_row = cluster.row(held_id)
