@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.magnetic_tile import DATASETS
 from models import FoldEnsemble, PatchCoreConfig
 from models.training import assemble_ensemble, build_fold, extract_features
+from scheduler.rebuild import held_out
 from scheduler.tasks import start_rebuild
 from worker import repository
 from worker.app import create_app, make_enqueue, make_store_from_settings
@@ -69,16 +70,20 @@ def main() -> None:
     parser.add_argument("--coreset", type=float, default=PatchCoreConfig().coreset_ratio)
     args = parser.parse_args()
     train = sorted((DATASETS / "dacon-semiconductor" / "train").glob("*.png"))
-    pool, seed_images = train[: args.images], train[-12:]
+    pool = train[: args.images]
+    seed_images = pool[:12]  # the seed's images are pool images (a rebuild never forgets them), by key
     config = PatchCoreConfig(coreset_ratio=args.coreset, folds=5)
     work = Path(tempfile.mkdtemp(prefix="bench-rebuild-"))
     keys = [f"nominal/{path.name}" for path in pool]
+    # What the canvas trains on: the pool less the gate's held-out slice (the seed's own images stay).
+    seed_keys = {f"nominal/{path.name}" for path in seed_images}
+    trained = [(path, key) for path, key in zip(pool, keys, strict=True) if not held_out(key, 0.2) or key in seed_keys]
 
     print(
         f"pool: {len(pool)} Dacon images, {config.folds} folds, coreset {config.coreset_ratio}, chunks of {args.chunk}"
     )
     total = time.perf_counter()
-    single_version, single = single_process(pool, keys, config, work / "single")
+    single_version, single = single_process([p for p, _ in trained], [k for _, k in trained], config, work / "single")
     single_wall = time.perf_counter() - total
     print(f"one process: {single_wall:.1f} s  " + "  ".join(f"{k} {v:.1f}" for k, v in single.items()))
 
@@ -91,6 +96,7 @@ def main() -> None:
         "s3_bucket": "bench", "device": "cpu", "batch_size": "4", "retrain_threshold": "1",
         "rebuild_chunk_size": str(args.chunk),
         "gate_max_nominal_flag_rate": "1.0", "gate_nominal_sample": "8",
+        "gate_holdout_fraction": "0.2", "gate_min_holdout": "4",
     }  # fmt: skip
     overrides = {"folds": 5, "coreset_ratio": args.coreset}
     settings = Settings(**values, rebuild_config=overrides, model_cache_dir=work / "cache-main")  # type: ignore[arg-type]
@@ -98,7 +104,7 @@ def main() -> None:
     store.ensure_bucket()
     bucket = store.bucket
     session_factory = make_session_factory(make_engine(url))
-    seed = FoldEnsemble.fit([p.stem for p in seed_images], seed_images, config.replace(folds=2), device="cpu")
+    seed = FoldEnsemble.fit(sorted(seed_keys), sorted(seed_images), config.replace(folds=2), device="cpu")
     first = publish_model(store, session_factory, seed.save(work / "seed"), model_prefix="models/").version
     with session_scope(session_factory) as session:
         for path, key in zip(pool, keys, strict=True):

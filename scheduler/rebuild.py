@@ -1,9 +1,19 @@
 """The rebuild as plain functions: training pool, trigger decisions, claim, and the steps of the canvas.
 
-Training pool: every image under the nominal prefix plus every image whose latest label is ``good``;
-an image whose latest label is ``defect`` never enters a bank (it is kept for the gate's evaluation).
-The pool is deduplicated by key (the newest object version wins) and sorted, and each image's id in the
-model is its key, so the same pool always gives the same folds and the same model version.
+Training pool: every image under the nominal prefix plus every image whose latest label is ``good``,
+minus the **held-out slice** (:func:`held_out`: a hash of the key below ``holdout_fraction``, decided
+before any training and the same at every build) that only the gate sees, minus images a person took out
+(a ``defect`` label, or ``waferwatch pool remove``). Images the active model was trained on are never
+held out (a registered model's images stay its successors' training data). The pool is deduplicated by
+key (the newest object version wins) and sorted, and each image's id in the model is its key, so the
+same pool always gives the same folds and the same model version.
+
+A nominal image is read and decoded once (:func:`pool_pending_nominal`, before every trigger decision):
+it becomes ``pooled`` with its sha256, or ``failed`` with a ``failures`` row, and never counts toward a
+rebuild or is read again by a build.
+
+A build never trains on fewer of the active model's training images than the active model did (matched
+by key or by sha256) unless a person removed them: :func:`claim_build` refuses and says which are missing.
 
 A build is identified by a build id (``build-<utc time>-<random>``) until its content hash, the model
 version, is known. Its ``model_versions`` row (status ``building``, progress in ``stage``, heartbeat in
@@ -15,7 +25,12 @@ Intermediate artifacts live in the bucket under ``<model_prefix><build_id>/work/
 ``chunk_<i>.npy``/``.json`` :class:`~models.training.FeatureSet` per extraction task, one
 ``fold_<k>.safetensors``/``.json`` per fold bank, and ``timings/<step>.json``. The bucket is the one store
 that every train worker already reaches, on any machine, and every file is hash-checked when read back.
-The ``work/`` objects are deleted once the candidate is uploaded.
+The ``work/`` objects are deleted once the candidate is uploaded, and when the build fails.
+
+History: a build whose content version is new registers the candidate with a ``built`` event; one whose
+version already exists (an unchanged pool and config give the same bytes) changes nothing on that row
+(status, reason, gate record stay) and appends a ``rebuilt`` event with the build's trigger and timings.
+A failed build gets a ``failed`` event.
 """
 
 from __future__ import annotations
@@ -32,18 +47,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import FoldEnsemble, PatchCoreConfig
+from models import BadImageError, FoldEnsemble, PatchCoreConfig, decode_image
 from models.artifacts import load_fold, save_fold
 from models.training import FeatureSet, assemble_ensemble, build_fold, extract_features
 from scheduler.locks import rebuild_lock
-from worker import repository
+from worker import model_events, repository
 from worker.db import session_scope
 from worker.errors import PermanentError
 from worker.model_provider import publish_model
-from worker.schema import Image, Label, ModelVersion, utcnow
+from worker.schema import Image, Label, ModelEvent, ModelVersion, utcnow
 from worker.storage import ObjectStore
 
 __all__ = [
@@ -51,17 +66,22 @@ __all__ = [
     "PoolImage",
     "RebuildError",
     "RebuildOptions",
+    "TrainedSet",
     "Trigger",
+    "active_trained_set",
     "build_fold_bank",
     "claim_build",
     "extract_chunk",
     "fail_build",
     "finish_build",
+    "held_out",
     "last_build_point",
     "latest_verdicts",
     "load_plan",
     "plan_chunks",
     "pool_fingerprint",
+    "pool_pending_nominal",
+    "removed_by_person",
     "select_training_pool",
     "set_stage",
     "should_rebuild",
@@ -71,6 +91,8 @@ logger = logging.getLogger(__name__)
 
 Trigger = Literal["count", "nightly", "manual"]
 _OBJECT_MAX_BYTES = 8 * 1024**3
+REMOVED_BY_PERSON = "removed from the pool by "  # status_reason prefix of ``waferwatch pool remove``
+_HOLDOUT_SALT = "waferwatch-holdout"
 
 
 class RebuildError(PermanentError):
@@ -85,6 +107,7 @@ class PoolImage:
     key: str
     etag: str
     added_at: datetime
+    sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +121,8 @@ class RebuildOptions:
     lease_s: int = 7200
     config_overrides: Mapping[str, Any] = field(default_factory=dict)
     max_object_bytes: int = 200 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    holdout_fraction: float = 0.2
 
 
 @dataclass
@@ -145,24 +170,151 @@ def latest_verdicts(session: Session) -> Any:
     )
 
 
-def select_training_pool(session: Session, *, bucket: str) -> list[PoolImage]:
-    """Nominal images and images confirmed good, never confirmed defects; one per key, sorted by key."""
+def held_out(key: str, fraction: float) -> bool:
+    """Whether ``key`` belongs to the gate's held-out slice: a salted hash of the key, not a draw, so the
+    slice is fixed before any training, identical at every build and unaffected by new images."""
+    if fraction <= 0:
+        return False
+    bucket = int(hashlib.sha256(f"{_HOLDOUT_SALT}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
+
+
+@dataclass(frozen=True, slots=True)
+class TrainedSet:
+    """What a model was trained on, by the two names an image can have: its id in the model, its sha256."""
+
+    ids: frozenset[str] = frozenset()
+    sha256: frozenset[str] = frozenset()
+
+    @classmethod
+    def of_manifest(cls, manifest: Mapping[str, Any] | None) -> TrainedSet:
+        images = (manifest or {}).get("training_images") or []
+        return cls(frozenset(str(t["id"]) for t in images), frozenset(str(t["sha256"]) for t in images))
+
+    @classmethod
+    def of_ensemble(cls, ensemble: FoldEnsemble) -> TrainedSet:
+        images = ensemble.training_images
+        return cls(frozenset(t.id for t in images), frozenset(t.sha256 for t in images))
+
+    def __contains__(self, item: object) -> bool:
+        key, sha256 = item if isinstance(item, tuple) else (item, None)
+        return key in self.ids or (sha256 is not None and sha256 in self.sha256)
+
+
+def active_trained_set(session: Session) -> TrainedSet:
+    active = repository.get_active_model_version(session)
+    return TrainedSet.of_manifest(active.manifest if active is not None else None)
+
+
+def candidate_images(session: Session, *, bucket: str) -> list[tuple[PoolImage, str, str | None]]:
+    """(image, kind, latest verdict) of every readable nominal or good-labelled image, newest version per key.
+
+    Keys whose newest version is not (or no longer) training material (a defect label, an unlabelled
+    incoming image, a person's removal) are left out.
+    """
     verdicts = latest_verdicts(session)
     rows = session.execute(
         select(Image.id, Image.key, Image.etag_or_version, Image.kind, Image.first_seen_at, verdicts.c.verdict,
-               verdicts.c.created_at)
+               verdicts.c.created_at, Image.sha256, Image.status, Image.status_reason)
         .outerjoin(verdicts, verdicts.c.image_id == Image.id)
-        .where(Image.bucket == bucket, Image.status.not_in(("failed", "skipped")))
+        .where(Image.bucket == bucket, Image.status != "failed")
         .order_by(Image.key, Image.id)
     ).all()  # fmt: skip
-    newest: dict[str, PoolImage | None] = {}
-    for image_id, key, etag, kind, first_seen_at, verdict, labelled_at in rows:
-        if verdict == "defect" or (kind != "nominal" and verdict != "good"):
+    newest: dict[str, tuple[PoolImage, str, str | None] | None] = {}
+    for image_id, key, etag, kind, first_seen_at, verdict, labelled_at, sha256, status, _status_reason in rows:
+        if status == "skipped" or verdict == "defect" or (kind != "nominal" and verdict != "good"):
             newest[key] = None  # a newer version of a key that is not (or no longer) training data
             continue
         added_at = labelled_at if kind != "nominal" and labelled_at is not None else first_seen_at
-        newest[key] = PoolImage(image_id, key, etag, added_at)
-    return [image for image in newest.values() if image is not None]
+        newest[key] = (PoolImage(image_id, key, etag, added_at, sha256), kind, verdict)
+    return [entry for entry in newest.values() if entry is not None]
+
+
+def select_training_pool(
+    session: Session, *, bucket: str, holdout_fraction: float = 0.0, trained: TrainedSet | None = None
+) -> list[PoolImage]:
+    """Nominal images and images confirmed good, never confirmed defects or removed ones, minus the
+    held-out slice (except what ``trained``, the active model's set, already used); sorted by key."""
+    trained = trained if trained is not None else TrainedSet()
+    return [
+        image
+        for image, _kind, _verdict in candidate_images(session, bucket=bucket)
+        if not held_out(image.key, holdout_fraction) or (image.key, image.sha256) in trained
+    ]
+
+
+def removed_by_person(session: Session, *, bucket: str) -> list[tuple[str, str | None, str]]:
+    """(key, sha256, why) of images a person took out of the pool: a ``defect`` label or ``pool remove``."""
+    verdicts = latest_verdicts(session)
+    rows = session.execute(
+        select(Image.key, Image.sha256, Image.status, Image.status_reason, verdicts.c.verdict)
+        .outerjoin(verdicts, verdicts.c.image_id == Image.id)
+        .where(Image.bucket == bucket)
+        .where((verdicts.c.verdict == "defect") | Image.status_reason.startswith(REMOVED_BY_PERSON))
+    ).all()
+    return [
+        (key, sha256, "labelled defect" if verdict == "defect" else status_reason)
+        for key, sha256, _status, status_reason, verdict in rows
+    ]
+
+
+def missing_from_pool(session: Session, *, bucket: str, pool: Sequence[PoolImage]) -> tuple[int, list[str]]:
+    """(the active model's number of training images, those of them neither in ``pool`` nor removed by a
+    person), matched by key or sha256: what a rebuild would silently forget."""
+    active = repository.get_active_model_version(session)
+    images = ((active.manifest or {}).get("training_images") or []) if active is not None else []
+    have = TrainedSet(frozenset(i.key for i in pool), frozenset(i.sha256 for i in pool if i.sha256))
+    taken_out = removed_by_person(session, bucket=bucket)
+    removed = TrainedSet(frozenset(key for key, _, _ in taken_out), frozenset(sha for _, sha, _ in taken_out if sha))
+    missing = [
+        str(t["id"])
+        for t in images
+        if (str(t["id"]), str(t["sha256"])) not in have and (str(t["id"]), str(t["sha256"])) not in removed
+    ]
+    return len(images), missing
+
+
+def pool_pending_nominal(
+    session_factory: sessionmaker[Session],
+    store: ObjectStore,
+    *,
+    bucket: str,
+    max_object_bytes: int,
+    max_image_pixels: int,
+    limit: int = 1000,
+) -> tuple[int, int]:
+    """Read and decode nominal images still ``queued``: ``pooled`` with their sha256, or ``failed`` with a
+    failures row (out of the pool and the rebuild count, never read again). Returns (pooled, failed).
+
+    Storage outages raise (the trigger retries); only permanent problems of one object fail that image.
+    """
+    with session_scope(session_factory) as session:
+        pending = session.execute(
+            select(Image.id, Image.key)
+            .where(Image.bucket == bucket, Image.kind == "nominal", Image.status == "queued")
+            .order_by(Image.id)
+            .limit(limit)
+        ).all()
+    pooled = failed = 0
+    for image_id, key in pending:
+        try:
+            data = store.get(key, max_bytes=max_object_bytes).data
+            decode_image(data, name=key, max_pixels=max_image_pixels)
+        except (PermanentError, BadImageError) as exc:
+            with session_scope(session_factory) as session:
+                repository.record_failure(session, image_id=image_id, error_type=type(exc).__name__, message=str(exc))
+            logger.warning("nominal image %s left out of the pool: %s", key, exc)
+            failed += 1
+            continue
+        with session_scope(session_factory) as session:
+            repository.set_image_sha256(session, image_id=image_id, sha256=hashlib.sha256(data).hexdigest())
+            session.execute(
+                update(Image)
+                .where(Image.id == image_id, Image.status == "queued")
+                .values(status="pooled", status_reason=None, status_changed_at=utcnow())
+            )
+        pooled += 1
+    return pooled, failed
 
 
 def pool_fingerprint(pool: Sequence[PoolImage]) -> str:
@@ -190,10 +342,21 @@ def last_build_point(session: Session) -> tuple[datetime | None, str | None]:
     rows = session.scalars(
         select(ModelVersion).where(ModelVersion.status != "building").order_by(ModelVersion.created_at.desc()).limit(50)
     ).all()
+    points = []
     for row in rows:
         pool = (row.metrics or {}).get("pool") or {}
         if pool.get("snapshot_at"):
-            return datetime.fromisoformat(pool["snapshot_at"]), pool.get("fingerprint")
+            points.append((datetime.fromisoformat(pool["snapshot_at"]), pool.get("fingerprint")))
+            break
+    # A rebuild that produced an existing version leaves that row alone; its pool is in the event.
+    for event in session.scalars(
+        select(ModelEvent).where(ModelEvent.event == "rebuilt").order_by(ModelEvent.at.desc()).limit(1)
+    ):
+        pool = (event.details or {}).get("pool") or {}
+        if pool.get("snapshot_at"):
+            points.append((datetime.fromisoformat(pool["snapshot_at"]), pool.get("fingerprint")))
+    if points:
+        return max(points, key=lambda point: point[0])
     active = next((row for row in rows if row.status == "active"), None)
     return (active.created_at, None) if active is not None else (None, None)
 
@@ -232,9 +395,9 @@ def _expire_stale_builds(session: Session, lease_s: int) -> list[ModelVersion]:
         beat = (row.metrics or {}).get("heartbeat_at")
         last = datetime.fromisoformat(beat) if beat else row.created_at
         if now - last > timedelta(seconds=lease_s):
-            repository.update_model_version(
-                session, version=row.id, status="failed", reason=f"lease expired: no progress since {last.isoformat()}"
-            )
+            reason = f"lease expired: no progress since {last.isoformat()}"
+            repository.update_model_version(session, version=row.id, status="failed", reason=reason)
+            model_events.record_event(session, version=row.id, event="failed", reason=reason)
         else:
             live.append(row)
     return live
@@ -266,18 +429,39 @@ def claim_build(
         if not taken:
             return None, "another trigger holds the rebuild lock"
         with session_scope(session_factory) as session:
+            before = {row.id for row in session.scalars(select(ModelVersion).where(ModelVersion.status == "failed"))}
             live = _expire_stale_builds(session, options.lease_s)
+            expired = [
+                row.id
+                for row in session.scalars(select(ModelVersion).where(ModelVersion.status == "failed"))
+                if row.id not in before
+            ]
+        for build_id in expired:
+            remove_work_files(store, options.model_prefix, build_id)
         if live:
             return None, f"build {live[0].id} is running ({live[0].stage})"
         with session_scope(session_factory) as session:
             snapshot_at = utcnow()
-            pool = select_training_pool(session, bucket=options.bucket)
+            pool = select_training_pool(
+                session,
+                bucket=options.bucket,
+                holdout_fraction=options.holdout_fraction,
+                trained=active_trained_set(session),
+            )
             since, fingerprint = last_build_point(session)
             start, why = should_rebuild(
                 pool, trigger, since=since, fingerprint=fingerprint, threshold=options.retrain_threshold
             )
             if not start:
                 return None, why
+            n_active, missing = missing_from_pool(session, bucket=options.bucket, pool=pool)
+            if missing:
+                return None, (
+                    f"the pool lacks {len(missing)} of the active model's {n_active} training images "
+                    f"(e.g. {', '.join(missing[:3])}) and no person removed them: upload them under the nominal "
+                    "prefix (waferwatch models register DIR --images SOURCE) or take them out with "
+                    "waferwatch pool remove"
+                )
             config = build_config(session, options.config_overrides)
             if len(pool) < config.folds:
                 return None, f"{len(pool)} pool images for {config.folds} folds"
@@ -302,14 +486,22 @@ def claim_build(
                 manifest={"build_id": build_id, "trigger": trigger, "why": why, "config": plan.config},
                 metrics={
                     "heartbeat_at": snapshot_at.isoformat(),
-                    "pool": {"size": len(pool), "fingerprint": plan.fingerprint, "snapshot_at": plan.snapshot_at},
+                    "pool": {
+                        "size": len(pool),
+                        "fingerprint": plan.fingerprint,
+                        "snapshot_at": plan.snapshot_at,
+                        "holdout_fraction": options.holdout_fraction,
+                        "kept_from_active": n_active,
+                    },
                 },
             )
             repository.update_model_version(session, version=build_id, stage=f"planned: {len(plan.chunks)} chunks")
     try:
         store.put(plan.work_prefix + "plan.json", plan.to_json(), content_type="application/json")
     except Exception as exc:
-        fail_build(session_factory, build_id, f"plan upload failed: {exc}")
+        fail_build(
+            session_factory, build_id, f"plan upload failed: {exc}", store=store, model_prefix=options.model_prefix
+        )
         raise
     logger.info("build %s claimed (%s): %d images, %d chunks", build_id, why, len(plan.keys), len(plan.chunks))
     return plan, why
@@ -325,13 +517,36 @@ def set_stage(session_factory: sessionmaker[Session], build_id: str, stage: str)
         row.metrics = {**(row.metrics or {}), "heartbeat_at": utcnow().isoformat()}
 
 
-def fail_build(session_factory: sessionmaker[Session], build_id: str, reason: str) -> None:
-    """Mark a build ``failed`` with its reason (only while it is still ``building``)."""
+def remove_work_files(store: ObjectStore, model_prefix: str, build_id: str) -> int:
+    """Delete everything under ``<model_prefix><build_id>/`` (plan, chunks, folds, timings); returns how many."""
+    removed = 0
+    for info in list(store.list(f"{model_prefix}{build_id}/")):
+        store.delete(info.key)
+        removed += 1
+    return removed
+
+
+def fail_build(
+    session_factory: sessionmaker[Session],
+    build_id: str,
+    reason: str,
+    *,
+    store: ObjectStore | None = None,
+    model_prefix: str = "models/",
+) -> None:
+    """Mark a build ``failed`` with its reason (only while it is still ``building``), record the event
+    and, given the store, delete its work files (they would otherwise stay in the bucket forever)."""
     with session_scope(session_factory) as session:
         row = session.get(ModelVersion, build_id)
         if row is not None and row.status == "building":
             repository.update_model_version(session, version=build_id, status="failed", reason=reason[:4000])
+            model_events.record_event(session, version=build_id, event="failed", reason=reason[:4000])
     logger.error("build %s failed: %s", build_id, reason)
+    if store is not None:
+        try:
+            remove_work_files(store, model_prefix, build_id)
+        except Exception:  # the failure is recorded; leftovers are removed by the next expiry or by hand
+            logger.exception("build %s: could not delete its work files", build_id)
 
 
 # --- the steps (one per task) -----------------------------------------------------------------------
@@ -397,12 +612,17 @@ def build_fold_bank(store: ObjectStore, plan: BuildPlan, index: int) -> int:
 
 @dataclass
 class FinishedBuild:
-    """A registered candidate: its version, the ensemble in memory and where the build time went."""
+    """A finished build: its version, the ensemble in memory and where the build time went.
+
+    ``rebuilt`` is true when the version already existed (same pool, same config, same bytes): its row
+    was left as it was, and the caller must not gate it again.
+    """
 
     version: str
     ensemble: FoldEnsemble
     timings: dict[str, float]
     skipped: int
+    rebuilt: bool = False
 
 
 def finish_build(
@@ -411,7 +631,8 @@ def finish_build(
     """Assemble the folds, upload ``models/<version>/`` (manifest last), register the candidate row.
 
     The build row is deleted in the same transaction that writes the pool and timings into the
-    candidate's metrics; the ``work/`` objects are deleted afterwards.
+    candidate's metrics (or, for an existing version, into its ``rebuilt`` event); the ``work/`` objects
+    are deleted afterwards.
     """
     started = time.perf_counter()
     config = plan.patchcore_config
@@ -425,9 +646,22 @@ def finish_build(
         version = ensemble.version
         target = cache_dir / version
         assembled = time.perf_counter()
-        if not (target / "manifest.json").is_file():
-            ensemble.save(target)
-        publish_model(store, session_factory, target, model_prefix=plan.model_prefix, activate=False, stage="gate")
+        with session_scope(session_factory) as session:
+            existing = session.get(ModelVersion, version)
+            existing_status = existing.status if existing is not None else None
+        if existing_status is None:
+            if not (target / "manifest.json").is_file():
+                ensemble.save(target)
+            publish_model(
+                store,
+                session_factory,
+                target,
+                model_prefix=plan.model_prefix,
+                activate=False,
+                stage="gate",
+                event="built",
+                details={"build_id": plan.build_id, "trigger": plan.trigger},
+            )
         uploaded = time.perf_counter()
     timings = _collect_timings(store, plan)
     timings["assemble"] = assembled - started
@@ -436,17 +670,22 @@ def finish_build(
         build = session.get(ModelVersion, plan.build_id)
         history = dict(build.metrics or {}) if build is not None else {}
         history.pop("heartbeat_at", None)
-        row = session.get(ModelVersion, version, populate_existing=True)
-        row.metrics = {
-            **(row.metrics or {}),
-            **history,
-            "build": {"build_id": plan.build_id, "trigger": plan.trigger, "timings_s": timings},
-        }
-        row.stage = "gate"
+        build_record = {"build_id": plan.build_id, "trigger": plan.trigger, "timings_s": timings}
+        if existing_status is None:
+            row = session.get(ModelVersion, version, populate_existing=True)
+            row.metrics = {**(row.metrics or {}), **history, "build": build_record}
+            row.stage = "gate"
+        else:
+            model_events.record_event(
+                session,
+                version=version,
+                event="rebuilt",
+                reason=f"build {plan.build_id} ({plan.trigger}) made this version again; it stays {existing_status}",
+                details={**history, "build": build_record},
+            )
         session.execute(delete(ModelVersion).where(ModelVersion.id == plan.build_id, ModelVersion.status == "building"))
-    for info in list(store.list(plan.work_prefix)):
-        store.delete(info.key)
-    return FinishedBuild(version, ensemble, timings, len(features.skipped))
+    remove_work_files(store, plan.model_prefix, plan.build_id)
+    return FinishedBuild(version, ensemble, timings, len(features.skipped), rebuilt=existing_status is not None)
 
 
 def _collect_timings(store: ObjectStore, plan: BuildPlan) -> dict[str, float]:

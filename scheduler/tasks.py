@@ -30,6 +30,7 @@ from worker.app import TRAIN_QUEUE, context_of
 from worker.db import session_scope
 from worker.errors import TransientError
 from worker.model_provider import ModelProvider, ModelUnavailableError
+from worker.schema import ModelVersion
 from worker.settings import Settings
 
 __all__ = [
@@ -76,6 +77,8 @@ def rebuild_options(settings: Settings, bucket: str) -> rebuild.RebuildOptions:
         lease_s=settings.rebuild_lease_s,
         config_overrides=settings.rebuild_config,
         max_object_bytes=settings.max_object_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        holdout_fraction=settings.gate_holdout_fraction,
     )
 
 
@@ -84,8 +87,15 @@ def gate_rules_of(settings: Settings) -> gate_rules.GateRules:
         auroc_margin=settings.gate_auroc_margin,
         f1_margin=settings.gate_f1_margin,
         max_nominal_flag_rate=settings.gate_max_nominal_flag_rate,
+        min_synthetic_recall=settings.gate_min_synthetic_recall,
+        synthetic_margin=settings.gate_synthetic_margin,
+        min_defect_recall=settings.gate_min_defect_recall,
+        min_labels=settings.gate_min_labels,
+        min_holdout=settings.gate_min_holdout,
+        holdout_fraction=settings.gate_holdout_fraction,
         nominal_sample=settings.gate_nominal_sample,
         max_labelled=settings.gate_max_labelled,
+        synthetic=settings.gate_synthetic,
         max_object_bytes=settings.max_object_bytes,
         max_image_pixels=settings.max_image_pixels,
     )
@@ -104,12 +114,22 @@ def rebuild_canvas(app: Celery, build_id: str, n_chunks: int, n_folds: int) -> S
 def start_rebuild(app: Celery, trigger: rebuild.Trigger) -> tuple[str | None, str]:
     """Claim a build under the lock and send its canvas (after the commit); returns (build id, why)."""
     context = context_of(app)
+    options = rebuild_options(context.settings, context.store.bucket)
+    pooled, failed = rebuild.pool_pending_nominal(
+        context.session_factory,
+        context.store,
+        bucket=options.bucket,
+        max_object_bytes=options.max_object_bytes,
+        max_image_pixels=options.max_image_pixels,
+    )
+    if pooled or failed:
+        logger.info("nominal images: %d pooled, %d unreadable (failed)", pooled, failed)
     plan, why = rebuild.claim_build(
         engine=context.engine,
         session_factory=context.session_factory,
         store=context.store,
         trigger=trigger,
-        options=rebuild_options(context.settings, context.store.bucket),
+        options=options,
     )
     if plan is None:
         logger.info("no rebuild (%s): %s", trigger, why)
@@ -117,7 +137,13 @@ def start_rebuild(app: Celery, trigger: rebuild.Trigger) -> tuple[str | None, st
     try:
         rebuild_canvas(app, plan.build_id, len(plan.chunks), plan.patchcore_config.folds).apply_async()
     except Exception as exc:
-        rebuild.fail_build(context.session_factory, plan.build_id, f"could not send the rebuild canvas: {exc}")
+        rebuild.fail_build(
+            context.session_factory,
+            plan.build_id,
+            f"could not send the rebuild canvas: {exc}",
+            store=context.store,
+            model_prefix=options.model_prefix,
+        )
         raise
     return plan.build_id, why
 
@@ -131,6 +157,11 @@ def _finish(app: Celery, build_id: str) -> dict[str, Any]:
     finished = rebuild.finish_build(
         context.store, context.session_factory, plan, cache_dir=settings.model_cache_dir, device=settings.device
     )
+    if finished.rebuilt:  # an existing version: its state and gate record stay as they are
+        with session_scope(context.session_factory) as session:
+            status = session.get(ModelVersion, finished.version).status
+        logger.info("build %s → %s again (stays %s): history event only", build_id, finished.version, status)
+        return {"version": finished.version, "status": status, "reasons": [], "rebuilt": True}
     with session_scope(context.session_factory) as session:
         active_row = repository.get_active_model_version(session)
         active_version = active_row.id if active_row is not None else None
@@ -155,6 +186,7 @@ def _finish(app: Celery, build_id: str) -> dict[str, Any]:
         store=context.store,
         rules=gate_rules_of(settings),
         active_version=active_version,
+        candidate_version=finished.version,
     )
     status = gate_rules.apply_gate(context.session_factory, finished.version, result)
     logger.info("build %s → %s %s (%s)", build_id, finished.version, status, "; ".join(result.reasons) or "passed")
@@ -183,14 +215,16 @@ def register_train_tasks(app: Celery, settings: Settings) -> None:
 
     def guarded(task: Task, build_id: str, work: Any) -> Any:
         """Run ``work``; a permanent error, or the last transient one, fails the build with its reason."""
+        context = context_of(task.app)
+        cleanup = {"store": context.store, "model_prefix": context.settings.model_prefix}
         try:
             return work()
         except TransientError:
             if task.request.retries >= (task.max_retries or 0):
-                rebuild.fail_build(context_of(task.app).session_factory, build_id, f"{task.name}: gave up")
+                rebuild.fail_build(context.session_factory, build_id, f"{task.name}: gave up", **cleanup)
             raise
         except Exception as exc:
-            rebuild.fail_build(context_of(task.app).session_factory, build_id, f"{task.name}: {exc!r}")
+            rebuild.fail_build(context.session_factory, build_id, f"{task.name}: {exc!r}", **cleanup)
             raise
 
     @app.task(name=CHECK_RETRAIN, ignore_result=True, expires=settings.retrain_check_interval_s, **policy)

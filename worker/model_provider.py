@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import FoldEnsemble
 from models.artifacts import MANIFEST, read_manifest
-from worker import metrics, repository
+from worker import metrics, model_events, repository
 from worker.db import session_scope
 from worker.errors import TransientError
 from worker.schema import ModelVersion
@@ -261,7 +261,7 @@ def register_local_model(
     manifest = read_manifest(directory)
     uri = str(Path(directory).resolve())
     with session_scope(session_factory) as session:
-        repository.ensure_model_version(
+        _, created = repository.ensure_model_version(
             session,
             version=manifest["version"],
             manifest=manifest,
@@ -269,8 +269,12 @@ def register_local_model(
             threshold=manifest["threshold"],
             fold_thresholds=manifest["fold_thresholds"],
         )
+        if created:
+            model_events.record_event(
+                session, version=manifest["version"], event="registered", details={"artifact_uri": uri}
+            )
         if activate:
-            repository.set_active_model_version(session, manifest["version"])
+            model_events.activate(session, manifest["version"], how="register")
     return ModelRef(manifest["version"], uri)
 
 
@@ -282,12 +286,16 @@ def publish_model(
     model_prefix: str,
     activate: bool = True,
     stage: str | None = None,
+    event: str = "registered",
+    actor: str = model_events.SCHEDULER,
+    details: dict[str, object] | None = None,
 ) -> ModelRef:
     """Upload a model directory to ``<model_prefix><version>/``, register it, and optionally activate it.
 
     The manifest is uploaded last, so a reader never sees a manifest naming files not yet there. ``stage``
     is written in the same transaction as the row, so nobody sees a candidate whose gate has not run as a
-    finished one.
+    finished one. A new row gets its first history entry, ``event`` (``registered``, or ``built`` for a
+    rebuild) by ``actor``.
     """
     manifest = read_manifest(directory)
     version = manifest["version"]
@@ -298,7 +306,7 @@ def publish_model(
             continue
         store.put(prefix + path.name, path.read_bytes())
     with session_scope(session_factory) as session:
-        row, _ = repository.ensure_model_version(
+        row, created = repository.ensure_model_version(
             session,
             version=version,
             manifest=manifest,
@@ -308,8 +316,12 @@ def publish_model(
         )
         if row.artifact_uri != prefix:
             raise ValueError(f"model {version} is already registered at {row.artifact_uri}, not {prefix}")
+        if created:
+            model_events.record_event(
+                session, version=version, event=event, actor=actor, details={"artifact_uri": prefix, **(details or {})}
+            )
         if stage is not None:
             row.stage = stage
         if activate:
-            repository.set_active_model_version(session, version)
+            model_events.activate(session, version, actor=actor, how="register")
     return ModelRef(version, prefix)

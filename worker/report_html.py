@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from sqlalchemy import Connection
 
+from worker.report_registry import RegistrySection, collect_registry, registry_html
 from worker.reports import (
     REPORTS,
     Histogram,
@@ -71,6 +72,7 @@ class Page:
     daily: ReportResult
     histograms: dict[str, Histogram]
     thumbnails: list[Thumbnail] = field(default_factory=list)
+    registry: RegistrySection | None = None  # the model registry section (worker.report_registry)
 
 
 def _thumbnail_png(data: bytes, size: int = THUMBNAIL_PX) -> bytes | None:
@@ -125,7 +127,8 @@ def collect_page(
                 png=_thumbnail_png(raw) if raw else None,
             )
         )
-    return Page(title, now or datetime.now(UTC), filters.given(), tables, daily, histograms, thumbnails)
+    registry = collect_registry(connection)
+    return Page(title, now or datetime.now(UTC), filters.given(), tables, daily, histograms, thumbnails, registry)
 
 
 # --- SVG -----------------------------------------------------------------------------------------
@@ -405,6 +408,7 @@ def render_page(page: Page) -> str:
         "</div>",
         '<h2 id="anomalies">Top anomalies</h2>',
         f'<div class="thumbs">{thumbs}</div>' if thumbs else '<p class="empty-table">no anomalies in this range</p>',
+        registry_html(page.registry) if page.registry is not None else "",
         '<h2 id="tables">Tables</h2>',
         *(table_html(table) for table in page.tables),
         "</body></html>",

@@ -42,21 +42,27 @@ __all__ = [
     "IMAGE_KINDS",
     "IMAGE_STATUSES",
     "LABEL_VERDICTS",
+    "MODEL_EVENTS",
     "MODEL_STATUSES",
     "Base",
     "Failure",
     "Image",
     "Inference",
     "Label",
+    "ModelEvent",
     "ModelVersion",
     "UTCDateTime",
     "utcnow",
 ]
 
 IMAGE_KINDS: Final = ("incoming", "nominal")
-IMAGE_STATUSES: Final = ("queued", "scored", "failed", "skipped", "superseded")
+# ``superseded``: a newer version of the key was registered; ``pooled``: a nominal image that was read and
+# decoded once and sits in the training pool. Both are terminal.
+IMAGE_STATUSES: Final = ("queued", "scored", "failed", "skipped", "superseded", "pooled")
 MODEL_STATUSES: Final = ("building", "candidate", "active", "retired", "failed")
 LABEL_VERDICTS: Final = ("good", "defect")
+# The registry's history (``model_events``), one row per thing that happened to a version.
+MODEL_EVENTS: Final = ("registered", "built", "rebuilt", "gated", "promoted", "rolled back", "retired", "failed")
 
 # Deterministic constraint names: Alembic's batch mode on SQLite and every downgrade need to refer to
 # constraints by name, and unnamed ones differ between backends.
@@ -263,3 +269,30 @@ class Label(Base):
 
     def __repr__(self) -> str:
         return f"Label(image_id={self.image_id!r}, verdict={self.verdict!r}, author={self.author!r})"
+
+
+class ModelEvent(Base):
+    """One entry of the registry's append-only history: what happened to a version, when, by whom, why.
+
+    Rows are only ever inserted: the state columns of ``model_versions`` say where a version is now, this
+    table says how it got there (the gate record of every gate run, who promoted it and whether that
+    overrode a failed gate, each rebuild that produced the same content again). ``model_version`` is not
+    a foreign key: a failed build's id keeps its events after the build row is gone.
+    """
+
+    __tablename__ = "model_events"
+    __table_args__ = (
+        CheckConstraint(_in("event", MODEL_EVENTS), name="event"),
+        Index("ix_model_events_model_version_at", "model_version", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    model_version: Mapped[str] = mapped_column(String(128))
+    event: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    actor: Mapped[str] = mapped_column(Text)  # a person (``--author``) or "scheduler"
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+    def __repr__(self) -> str:
+        return f"ModelEvent(model_version={self.model_version!r}, event={self.event!r}, actor={self.actor!r})"

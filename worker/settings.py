@@ -234,7 +234,8 @@ class Settings(BaseSettings):
     # --- retraining (scheduler/) -----------------------------------------------------------------
     retrain_threshold: int = Field(50, ge=1)  # new training-pool images since the last build that start one
     retrain_check_interval_s: float = Field(300.0, gt=0)  # how often beat counts them
-    nightly_retrain_time: str = Field("02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")  # HH:MM, UTC
+    nightly_retrain_time: str = Field("02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")  # HH:MM in the zone below
+    nightly_retrain_zone: str = "UTC"  # IANA zone of nightly_retrain_time, e.g. Asia/Seoul (the fab's clock)
     reconcile_interval_s: float = Field(600.0, gt=0)  # beat's reconciliation scan
     rebuild_chunk_size: int = Field(64, ge=1)  # images per feature-extraction task
     rebuild_lease_s: int = Field(7200, ge=60)  # a build with no progress for this long is declared failed
@@ -245,6 +246,14 @@ class Settings(BaseSettings):
     gate_max_nominal_flag_rate: float = Field(0.10, ge=0, le=1)  # of recent nominal/good images flagged
     gate_nominal_sample: int = Field(200, ge=1)  # recent nominal/good images for the threshold check
     gate_max_labelled: int = Field(500, ge=1)  # most recent labelled images the gate scores
+    # The independent gate (scheduler/gate.py): held-out slice, minimum counts, absolute floors.
+    gate_holdout_fraction: float = Field(0.2, ge=0, lt=1)  # nominal/good keys (by hash) kept out of training
+    gate_min_holdout: int = Field(10, ge=1)  # held-out nominal images needed for the nominal checks
+    gate_min_labels: int = Field(10, ge=1)  # labelled images of each class needed before labels count
+    gate_min_defect_recall: float = Field(0.5, ge=0, le=1)  # floor: flagged share of labelled defects
+    gate_synthetic: bool = True  # synthetic anomalies from held-out images (label-free check)
+    gate_min_synthetic_recall: float = Field(0.3, ge=0, le=1)  # floor: flagged share of synthetic anomalies
+    gate_synthetic_margin: float = Field(0.15, ge=0, le=1)  # candidate synthetic recall may be this much below
 
     # --- observability ---------------------------------------------------------------------------
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus /metrics of worker and ingest; 0: off
@@ -261,6 +270,19 @@ class Settings(BaseSettings):
     watch_poll_s: float = Field(1.0, gt=0)
 
     # --- validators ------------------------------------------------------------------------------
+    @field_validator("nightly_retrain_zone")
+    @classmethod
+    def _check_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"nightly_retrain_zone {value!r} is not an IANA time zone; use a name such as Asia/Seoul or UTC"
+            ) from exc
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:

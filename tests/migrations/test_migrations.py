@@ -130,3 +130,32 @@ def test_waferwatch_db_commands(tmp_path: Path) -> None:
     result = runner.invoke(cli.app, ["db", "downgrade", "base", "--url", url])
     assert result.exit_code == 0, result.output
     assert current_revision(url) is None
+
+
+def test_registry_history_revision_adds_events_and_the_pooled_state(empty_db_url: str) -> None:
+    """0005: ``model_events`` exists, ``pooled`` passes the images CHECK, the views and indexes survive the
+    SQLite table rebuild, and a downgrade turns pooled images back into queued ones."""
+    from sqlalchemy import text
+
+    upgrade_database(empty_db_url)
+    assert "model_events" in _tables(empty_db_url)
+    engine = make_engine(empty_db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO images (bucket, key, etag_or_version, metadata, kind, status) "
+                     "VALUES ('b', 'nominal/a.png', 'e', '{}', 'nominal', 'pooled')")
+            )  # fmt: skip
+            assert connection.execute(text("SELECT count(*) FROM v_latest_inference")).scalar_one() == 0
+        indexes = {index["name"] for index in inspect(engine).get_indexes("images")}
+        assert {"ix_images_status", "ix_images_first_seen_at"} <= indexes
+    finally:
+        engine.dispose()
+    downgrade_database(empty_db_url, "0002_views")
+    engine = make_engine(empty_db_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT status FROM images")).scalar_one() == "queued"
+        assert "model_events" not in set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()

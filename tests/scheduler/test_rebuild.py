@@ -11,21 +11,25 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from scheduler import registry
-from scheduler.gate import GateRules, decide
+from scheduler.gate import GateRules, decide, evaluation_keys
 from scheduler.locks import file_lock, rebuild_lock
 from scheduler.rebuild import (
     BuildPlan,
     RebuildOptions,
+    TrainedSet,
     claim_build,
+    fail_build,
+    held_out,
     last_build_point,
     plan_chunks,
     pool_fingerprint,
+    pool_pending_nominal,
     select_training_pool,
     should_rebuild,
 )
-from worker import repository
+from worker import model_events, repository
 from worker.db import session_scope
-from worker.schema import Label, ModelVersion, utcnow
+from worker.schema import Failure, Image, Label, ModelVersion, utcnow
 from worker.storage import FolderStore
 
 BUCKET = "fab"
@@ -96,7 +100,9 @@ def test_concurrent_claims_start_one_build(session_factory: sessionmaker[Session
         for index in range(6):
             _image(session, f"nominal/{index}.png", "nominal")
     engine = session_factory.kw["bind"]
-    options = RebuildOptions(bucket=BUCKET, retrain_threshold=3, chunk_size=4, config_overrides={"folds": 2})
+    options = RebuildOptions(
+        bucket=BUCKET, retrain_threshold=3, chunk_size=4, config_overrides={"folds": 2}, holdout_fraction=0.0
+    )
     barrier = threading.Barrier(4)
     outcomes: list[tuple[BuildPlan | None, str]] = []
 
@@ -138,7 +144,7 @@ def test_expired_lease_is_failed_and_frees_the_next_build(
             session, version="build-old", status="building", metrics={"heartbeat_at": "2020-01-01T00:00:00+00:00"}
         )
     engine = session_factory.kw["bind"]
-    options = RebuildOptions(bucket=BUCKET, lease_s=60, config_overrides={"folds": 2})
+    options = RebuildOptions(bucket=BUCKET, lease_s=60, config_overrides={"folds": 2}, holdout_fraction=0.0)
     plan, _ = claim_build(
         engine=engine, session_factory=session_factory, store=store, trigger="manual", options=options
     )
@@ -174,9 +180,9 @@ def test_rollback_promote_label_and_rescore_selection(session_factory: sessionma
         repository.ensure_model_version(session, version="build-x", status="building")
         repository.set_active_model_version(session, "v1")
         repository.set_active_model_version(session, "v2")
-        registry.promote(session, "v3")
+        registry.promote(session, "v3", author="eng")
         with pytest.raises(registry.RegistryError):
-            registry.promote(session, "build-x")
+            registry.promote(session, "build-x", author="eng")
         image_id = _image(session, "incoming/x.png", "incoming")
         label = registry.label_image(
             session, bucket=BUCKET, key="incoming/x.png", verdict="defect", author="a", note="n"
@@ -194,17 +200,201 @@ def test_rollback_promote_label_and_rescore_selection(session_factory: sessionma
         assert repository.get_active_model_version(session).id == "v1"
 
 
-def test_gate_rules() -> None:
-    rules = GateRules(auroc_margin=0.02, f1_margin=0.05, max_nominal_flag_rate=0.1)
-    active = {"image_auroc": 0.95, "f1": 0.80}
-    ok = {"image_auroc": 0.94, "f1": 0.76}
-    bad = {"image_auroc": 0.70, "f1": 0.50}
-    assert decide(ok, active, n_good=5, n_defect=5, flag_rate=0.05, rules=rules)[0]
-    passed, reasons, _ = decide(bad, active, n_good=5, n_defect=5, flag_rate=0.05, rules=rules)
-    assert not passed and len(reasons) == 2 and reasons[0].startswith("AUROC 0.7000")
-    passed, reasons, _ = decide(ok, active, n_good=5, n_defect=5, flag_rate=0.5, rules=rules)
-    assert not passed and "flags 50.0%" in reasons[0]
-    passed, reasons, notes = decide(None, None, n_good=0, n_defect=0, flag_rate=0.0, rules=rules)
-    assert passed and notes == ["no labelled images: threshold consistency only"]
-    passed, _, notes = decide(bad, active, n_good=5, n_defect=0, flag_rate=0.0, rules=rules)
-    assert passed and "F1 not compared: no confirmed defect" in notes
+def _decide(**overrides: object) -> tuple[bool, list[str], list[str], list]:
+    """decide() on a good candidate with plenty of data, with ``overrides``."""
+    values: dict[str, object] = {
+        "held_out_n": 40,
+        "candidate_flag_rate": 0.05,
+        "synthetic_n": 40,
+        "candidate_synthetic_recall": 0.7,
+        "active_synthetic_recall": 0.72,
+        "n_good": 12,
+        "n_defect": 12,
+        "candidate_labelled": {"image_auroc": 0.94, "f1": 0.76, "recall": 0.8},
+        "active_labelled": {"image_auroc": 0.95, "f1": 0.80, "recall": 0.8},
+        "rules": GateRules(auroc_margin=0.02, f1_margin=0.05, max_nominal_flag_rate=0.1, min_labels=10),
+    }
+    values.update(overrides)
+    return decide(**values)  # type: ignore[arg-type]
+
+
+def test_gate_rules_floors_margins_and_minimum_counts() -> None:
+    passed, reasons, _, checks = _decide()
+    assert passed and reasons == [] and all(check.used and check.passed for check in checks)
+    bad = {"image_auroc": 0.70, "f1": 0.50, "recall": 0.8}
+    passed, reasons, _, _ = _decide(candidate_labelled=bad)
+    assert not passed and [r.split()[0] for r in reasons] == ["auroc_vs_active", "f1_vs_active"]
+    passed, reasons, _, _ = _decide(candidate_flag_rate=0.5)
+    assert not passed and reasons[0].startswith("held_out_flag_rate 0.5000 > bound 0.1000")
+    # Absolute floors hold even when the active version is just as weak (no ratchet down).
+    weak = {"image_auroc": 0.5, "f1": 0.1, "recall": 0.1}
+    passed, reasons, _, _ = _decide(
+        candidate_labelled=weak, active_labelled=weak, candidate_synthetic_recall=0.1, active_synthetic_recall=0.1
+    )
+    assert not passed and {r.split()[0] for r in reasons} == {"synthetic_recall", "defect_recall"}
+
+
+def test_one_label_cannot_decide() -> None:
+    awful = {"image_auroc": 0.0, "f1": 0.0, "recall": 0.0}
+    passed, reasons, notes, checks = _decide(n_good=1, n_defect=1, candidate_labelled=awful)
+    assert passed, reasons
+    assert any(note.startswith("not enough labels: 1 good / 1 defect") for note in notes)
+    assert not any(check.used for check in checks if check.name in ("defect_recall", "auroc_vs_active"))
+    # ... and neither can a perfect label pass a candidate that nothing else vouches for.
+    perfect = {"image_auroc": 1.0, "f1": 1.0, "recall": 1.0}
+    passed, reasons, _, _ = _decide(
+        n_good=1, n_defect=1, candidate_labelled=perfect, held_out_n=2, candidate_flag_rate=0.0, synthetic_n=2
+    )
+    assert not passed and reasons[0].startswith("not enough evaluation data")
+
+
+def test_first_version_is_held_to_the_floors_only() -> None:
+    passed, _, notes, checks = _decide(active_labelled=None, active_synthetic_recall=None)
+    assert passed and "no active version to compare with: absolute floors only" in notes
+    assert {check.name for check in checks if check.used} == {"held_out_flag_rate", "synthetic_recall", "defect_recall"}
+
+
+def test_holdout_slice_is_out_of_the_pool_except_what_the_active_model_learnt(
+    session_factory: sessionmaker[Session],
+) -> None:
+    keys = [f"nominal/{index:03d}.png" for index in range(200)]
+    held = [key for key in keys if held_out(key, 0.2)]
+    assert 20 < len(held) < 60 and held == [key for key in keys if held_out(key, 0.2)]  # fixed by the key alone
+    with session_scope(session_factory) as session:
+        for key in keys:
+            _image(session, key, "nominal")
+        image_id = _image(session, held[0], "nominal", etag="e2")
+        repository.set_image_sha256(session, image_id=image_id, sha256="a" * 64)
+    trained = TrainedSet(frozenset(), frozenset({"a" * 64}))  # the active model learnt held[0] (by bytes)
+    with session_scope(session_factory) as session:
+        pool = {image.key for image in select_training_pool(session, bucket=BUCKET, holdout_fraction=0.2)}
+        kept = {
+            image.key for image in select_training_pool(session, bucket=BUCKET, holdout_fraction=0.2, trained=trained)
+        }
+        nominal, _ = evaluation_keys(
+            session, bucket=BUCKET, rules=GateRules(holdout_fraction=0.2, nominal_sample=500), trained=trained
+        )
+    assert pool == set(keys) - set(held)
+    assert kept == pool | {held[0]}
+    assert set(nominal) == set(held) - {held[0]}  # the gate never grades on training images
+
+
+def test_nominal_images_are_pooled_once_and_unreadable_ones_fail_out_of_the_count(
+    session_factory: sessionmaker[Session], store: FolderStore
+) -> None:
+    import io
+
+    from PIL import Image as PILImage
+
+    png = io.BytesIO()
+    PILImage.new("RGB", (32, 32), (90, 120, 30)).save(png, format="PNG")
+    with session_scope(session_factory) as session:
+        for name, data in (("good.png", png.getvalue()), ("corrupt.png", b"\x89PNG not really")):
+            info = store.put(f"nominal/{name}", data)
+            repository.register_image(
+                session, bucket=BUCKET, key=f"nominal/{name}", etag=info.etag, size=len(data), kind="nominal"
+            )
+    args = {"bucket": BUCKET, "max_object_bytes": 1 << 20, "max_image_pixels": 1 << 20}
+    assert pool_pending_nominal(session_factory, store, **args) == (1, 1)
+    assert pool_pending_nominal(session_factory, store, **args) == (0, 0)  # never read again
+    with session_scope(session_factory) as session:
+        rows = {row.key: row for row in session.scalars(select(Image))}
+        assert rows["nominal/good.png"].status == "pooled" and len(rows["nominal/good.png"].sha256) == 64
+        assert rows["nominal/corrupt.png"].status == "failed"
+        failure = session.scalars(select(Failure)).one()
+        assert failure.image_id == rows["nominal/corrupt.png"].id and failure.error_type == "BadImageError"
+        assert [image.key for image in select_training_pool(session, bucket=BUCKET)] == ["nominal/good.png"]
+
+
+def test_a_rebuild_may_not_forget_the_active_models_images_unless_a_person_removed_them(
+    session_factory: sessionmaker[Session], store: FolderStore
+) -> None:
+    manifest = {"training_images": [{"id": "seed-a", "sha256": "a" * 64}, {"id": "seed-b", "sha256": "b" * 64}]}
+    with session_scope(session_factory) as session:
+        for index in range(4):
+            _image(session, f"nominal/{index}.png", "nominal")
+        seed = _image(session, "nominal/v1/seed-a.png", "nominal")
+        repository.set_image_sha256(session, image_id=seed, sha256="a" * 64)
+        repository.ensure_model_version(session, version="v1", artifact_uri="models/v1/", manifest=manifest)
+        repository.set_active_model_version(session, "v1")
+    engine = session_factory.kw["bind"]
+    options = RebuildOptions(bucket=BUCKET, config_overrides={"folds": 2}, holdout_fraction=0.0)
+
+    def claim() -> tuple[BuildPlan | None, str]:
+        return claim_build(
+            engine=engine, session_factory=session_factory, store=store, trigger="manual", options=options
+        )
+
+    plan, why = claim()
+    assert plan is None and why.startswith("the pool lacks 1 of the active model's 2 training images (e.g. seed-b)")
+    with session_scope(session_factory) as session:
+        image_id = _image(session, "nominal/v1/seed-b.png", "nominal")
+        repository.set_image_sha256(session, image_id=image_id, sha256="b" * 64)
+        registry.remove_from_pool(session, bucket=BUCKET, key="nominal/v1/seed-b.png", author="eng", reason="scratch")
+    plan, why = claim()
+    assert plan is not None, why
+    assert "nominal/v1/seed-a.png" in plan.keys and "nominal/v1/seed-b.png" not in plan.keys
+
+
+def test_a_failed_build_leaves_no_work_files_and_an_event(
+    session_factory: sessionmaker[Session], store: FolderStore
+) -> None:
+    with session_scope(session_factory) as session:
+        repository.ensure_model_version(session, version="build-1", status="building")
+    store.put("models/build-1/work/plan.json", b"{}")
+    store.put("models/build-1/work/chunk_0000.npy", b"x")
+    fail_build(session_factory, "build-1", "extract: boom", store=store, model_prefix="models/")
+    assert list(store.list("models/build-1/")) == []
+    with session_scope(session_factory) as session:
+        assert [(e.event, e.reason) for e in model_events.history(session, "build-1")] == [("failed", "extract: boom")]
+
+
+def test_manual_promote_over_a_failed_gate_needs_force_and_records_the_override(
+    session_factory: sessionmaker[Session],
+) -> None:
+    held = {"gate": {"passed": False, "reasons": ["synthetic_recall 0.1000 < bound 0.3000"]}}
+    with session_scope(session_factory) as session:
+        repository.ensure_model_version(session, version="v1", artifact_uri="models/v1/")
+        repository.ensure_model_version(session, version="v2", artifact_uri="models/v2/", metrics=held)
+        model_events.activate(session, "v1", how="register")
+    with session_scope(session_factory) as session:
+        with pytest.raises(registry.RegistryError, match="--force"):
+            registry.promote(session, "v2", author="kim")
+        with pytest.raises(registry.RegistryError, match="--reason"):
+            registry.promote(session, "v2", author="kim", force=True)
+        registry.promote(session, "v2", author="kim", reason="line 3 needs it tonight", force=True)
+    with session_scope(session_factory) as session:
+        row = session.get(ModelVersion, "v2")
+        assert row.status == "active" and row.reason.startswith("gate overridden by kim: line 3 needs it tonight")
+        promoted = model_events.history(session, "v2")[-1]
+        assert (promoted.event, promoted.actor, promoted.reason) == ("promoted", "kim", "line 3 needs it tonight")
+        assert promoted.details["gate_overridden"] is True and promoted.details["how"] == "manual"
+        retired = model_events.history(session, "v1")[-1]
+        assert (retired.event, retired.details["replaced_by"]) == ("retired", "v2")
+        assert registry.rollback(session, author="kim", reason="false alarms") == ("v2", "v1")
+    with session_scope(session_factory) as session:
+        assert [e.event for e in model_events.history(session, "v2")] == ["promoted", "retired", "rolled back"]
+
+
+def test_nightly_rebuild_runs_at_local_time_in_an_iana_zone() -> None:
+    from datetime import UTC, datetime
+
+    from celery import Celery
+
+    from scheduler.beat import ZonedCrontab, schedule
+    from worker.settings import Settings
+
+    app = Celery(set_as_current=False)
+    seoul_2am = datetime(2026, 12, 1, 17, 0, 30, tzinfo=UTC)  # 02:00:30 on 2 December in Seoul (UTC+9)
+
+    def entry(now: datetime) -> ZonedCrontab:
+        return ZonedCrontab(minute=0, hour=2, zone="Asia/Seoul", nowfun=lambda: now, app=app)
+
+    assert entry(seoul_2am).is_due(seoul_2am - timedelta(days=1)).is_due
+    utc_2am = datetime(2026, 12, 1, 2, 0, 30, tzinfo=UTC)
+    due, next_s = entry(utc_2am).is_due(seoul_2am - timedelta(days=1))
+    assert not due and abs(next_s - 15 * 3600) < 60
+    nightly = schedule(Settings(nightly_retrain_zone="Asia/Seoul"))["nightly-retrain"]["schedule"]  # type: ignore[call-arg]
+    assert isinstance(nightly, ZonedCrontab) and nightly.zone == "Asia/Seoul"
+    with pytest.raises(ValueError, match="IANA time zone"):
+        Settings(nightly_retrain_zone="Mars/Olympus")  # type: ignore[call-arg]

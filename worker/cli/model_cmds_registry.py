@@ -1,4 +1,4 @@
-"""``waferwatch label | models list|show|promote|rollback | retrain | beat | rescore``: the model registry."""
+"""``waferwatch label | models list|show|register|promote|rollback | pool remove | retrain | beat | rescore``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import getpass
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import typer
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,6 +17,10 @@ from worker.settings import Settings, get_settings
 
 models_app = typer.Typer(help="The model registry: versions, running builds, promotion and rollback.")
 app.add_typer(models_app, name="models")
+pool_app = typer.Typer(help="The training pool: what rebuilds learn from.")
+app.add_typer(pool_app, name="pool")
+
+AuthorOpt = typer.Option(None, "--author", help="Who decided (default: the OS user); kept in the history.")
 
 
 def _session_factory(settings: Settings) -> sessionmaker[Session]:
@@ -59,7 +64,8 @@ def list_models(limit: int = typer.Option(20, "--limit", min=1)) -> None:
 
     table = identified_table("version", "status", "stage", "created", "threshold", "images", "reason")
     with session_scope(_session_factory(get_settings())) as session:
-        for row in list_versions(session, limit=limit):
+        rows = list_versions(session, limit=limit)
+        for row in rows:
             pool = (row.metrics or {}).get("pool") or {}
             table.add_row(
                 row.id,
@@ -68,15 +74,17 @@ def list_models(limit: int = typer.Option(20, "--limit", min=1)) -> None:
                 f"{row.created_at:%Y-%m-%d %H:%M:%S}",
                 "" if row.threshold is None else f"{row.threshold:.4f}",
                 str(pool.get("size", len((row.manifest or {}).get("training_images", [])) or "")),
-                (row.reason or "")[:80],
+                row.reason or "",
             )
     print_table(table)
 
 
 @models_app.command("show")
 def show_model(version: str = typer.Argument(...)) -> None:
-    """Everything about one version (JSON): status, thresholds, metrics, gate result, build timings."""
+    """Everything about one version (JSON): status, thresholds, metrics, gate result, build timings, and its
+    history (registered/built, every gate run, promotions with who and why, rollbacks, rebuilds)."""
     from worker.db import session_scope
+    from worker.model_events import history
     from worker.schema import ModelVersion
 
     with session_scope(_session_factory(get_settings())) as session:
@@ -97,30 +105,110 @@ def show_model(version: str = typer.Argument(...)) -> None:
             "activated_at": row.activated_at.isoformat() if row.activated_at else None,
             "metrics": row.metrics,
             "manifest": manifest,
+            "history": [
+                {
+                    "at": event.at.isoformat(),
+                    "event": event.event,
+                    "actor": event.actor,
+                    "reason": event.reason,
+                    "details": event.details,
+                }
+                for event in history(session, version)
+            ],
         }
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+@models_app.command("register")
+def register_model_cmd(
+    directory: Path = typer.Argument(..., help="A model directory from 'waferwatch train'."),
+    images: Path | None = typer.Option(
+        None, "--images", help="The folder or CSV it was trained from: its images join the training pool."
+    ),
+    activate: bool = typer.Option(False, "--activate", help="Make it the active version now."),
+    author: str | None = AuthorOpt,
+    reason: str | None = typer.Option(None, "--reason", help="Why (kept in the history)."),
+) -> None:
+    """Verify a model directory (hashes, manifest, version), upload it to the bucket and add the version."""
+    from scheduler.registry import register_model
+    from worker.app import make_store_from_settings
+
+    settings = get_settings()
+    store = make_store_from_settings(settings)
+    done = register_model(
+        store,
+        _session_factory(settings),
+        directory,
+        model_prefix=settings.model_prefix,
+        nominal_prefix=settings.nominal_prefix,
+        images=images,
+        activate=activate,
+        author=author or getpass.getuser(),
+        reason=reason,
+    )
+    state = "active" if done.active else "registered"
+    known = "new" if done.created else "already known"
+    console.print(f"{done.version} {state} ({known}) at {settings.model_prefix}{done.version}/")
+    if images is not None:
+        console.print(
+            f"{done.uploaded_images} training images in the pool under {settings.nominal_prefix}{done.version}/"
+        )
+    else:
+        console.print(
+            f"[yellow]its {done.training_images} training images are not in the pool:[/yellow] rebuilds refuse to "
+            "forget them; register again with --images SOURCE"
+        )
+
+
 @models_app.command("promote")
-def promote_model(version: str = typer.Argument(...)) -> None:
-    """Make VERSION active now (a person's decision; the gate is not consulted)."""
+def promote_model(
+    version: str = typer.Argument(...),
+    author: str | None = AuthorOpt,
+    reason: str | None = typer.Option(None, "--reason", help="Why (required with --force; kept in the history)."),
+    force: bool = typer.Option(False, "--force", help="Promote a version the gate held back."),
+) -> None:
+    """Make VERSION active now: a person's decision, recorded with author and reason (--force over a failed gate)."""
     from scheduler.registry import promote
     from worker.db import session_scope
 
     with session_scope(_session_factory(get_settings())) as session:
-        promote(session, version)
-    console.print(f"{version} is active; workers switch at their next batch")
+        row = promote(session, version, author=author or getpass.getuser(), reason=reason, force=force)
+        overridden = row.reason is not None and row.reason.startswith("gate overridden")
+    console.print(
+        f"{version} is active{' (gate overridden)' if overridden else ''}; workers switch at their next batch"
+    )
 
 
 @models_app.command("rollback")
-def rollback_model() -> None:
+def rollback_model(
+    author: str | None = AuthorOpt,
+    reason: str | None = typer.Option(None, "--reason", help="Why (kept in the history)."),
+) -> None:
     """Re-activate the version that was active before the current one."""
     from scheduler.registry import rollback
     from worker.db import session_scope
 
     with session_scope(_session_factory(get_settings())) as session:
-        old, new = rollback(session)
+        old, new = rollback(session, author=author or getpass.getuser(), reason=reason)
     console.print(f"rolled back from {old} to {new}; workers switch at their next batch")
+
+
+@pool_app.command("remove")
+def pool_remove(
+    key: str = typer.Argument(..., help="Object key of the image, e.g. nominal/2026-03/x.png."),
+    reason: str = typer.Option(..., "--reason", help="Why it must not be trained on (kept on the image)."),
+    author: str | None = AuthorOpt,
+) -> None:
+    """Take an image out of the training pool for good (rebuilds may then train on fewer images)."""
+    from scheduler.registry import remove_from_pool
+    from worker.db import session_scope
+
+    settings = get_settings()
+    with session_scope(_session_factory(settings)) as session:
+        count = remove_from_pool(
+            session, bucket=_bucket(settings), key=key, author=author or getpass.getuser(), reason=reason
+        )
+    console.print(f"{key}: {count} object version(s) out of the pool")
 
 
 @app.command()
@@ -134,7 +222,7 @@ def retrain(
     from scheduler.tasks import start_rebuild
     from worker.app import context_of, create_app
     from worker.db import session_scope
-    from worker.schema import ModelVersion
+    from worker.schema import ModelEvent, ModelVersion
 
     celery_app = create_app(get_settings())
     build_id, why = start_rebuild(celery_app, "manual")
@@ -154,6 +242,13 @@ def retrain(
             if row is None:
                 recent = session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc()).limit(20))
                 built = [r for r in recent if ((r.metrics or {}).get("build") or {}).get("build_id") == build_id]
+                again = session.scalars(
+                    select(ModelEvent).where(ModelEvent.event == "rebuilt").order_by(ModelEvent.at.desc()).limit(20)
+                ).all()
+                rebuilt = [e for e in again if ((e.details or {}).get("build") or {}).get("build_id") == build_id]
+                if rebuilt:
+                    console.print(f"{rebuilt[0].model_version}: rebuilt unchanged ({rebuilt[0].reason})")
+                    raise typer.Exit(0)
         if row is not None and status == "failed":
             console.print(f"[red]build failed:[/red] {reason}")
             raise typer.Exit(1)
@@ -190,8 +285,11 @@ def beat(
 @app.command()
 def rescore(
     since: datetime = typer.Option(..., "--since", help="First-seen date/time (UTC), e.g. 2026-03-01."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until every queued image is scored or failed."),
+    timeout_s: float = typer.Option(3600.0, "--timeout", min=1, help="Give up waiting after this many seconds."),
 ) -> None:
-    """Re-score history with the active version: new inference rows, the old ones are kept."""
+    """Re-score history with the active version: new inference rows, the old ones are kept. Reports when done
+    (exit 0), with the images that failed (exit 2) or that were still unscored at --timeout (exit 1)."""
     from scheduler.registry import images_to_rescore
     from worker import repository
     from worker.app import create_app, make_enqueue
@@ -208,4 +306,45 @@ def rescore(
     enqueue = make_enqueue(celery_app)
     for begin in range(0, len(ids), settings.batch_size):
         enqueue(ids[begin : begin + settings.batch_size])
-    console.print(f"{len(ids)} images since {since:%Y-%m-%d %H:%M} queued for {active.id}")
+    version = active.id
+    console.print(f"{len(ids)} images since {since:%Y-%m-%d %H:%M} queued for {version}")
+    if not wait or not ids:
+        return
+    scored, failed = _wait_rescored(_session_factory(settings), ids, version, timeout_s)
+    left = len(ids) - scored - failed
+    console.print(f"rescore by {version}: {scored} scored, {failed} failed, {left} not done")
+    if left:
+        raise typer.Exit(1)
+    if failed:
+        raise typer.Exit(2)
+
+
+def _wait_rescored(factory: sessionmaker[Session], ids: list[int], version: str, timeout_s: float) -> tuple[int, int]:
+    """(scored by ``version``, failed) among ``ids``, polled until all are one or the other or time is up."""
+    from sqlalchemy import func, select
+
+    from worker.db import session_scope
+    from worker.schema import Image, Inference
+
+    deadline = time.monotonic() + timeout_s
+    chunks = [ids[begin : begin + 500] for begin in range(0, len(ids), 500)]
+    last = -1
+    while True:
+        scored = failed = 0
+        with session_scope(factory) as session:
+            for chunk in chunks:
+                scored += (
+                    session.scalar(
+                        select(func.count(func.distinct(Inference.image_id))).where(
+                            Inference.image_id.in_(chunk), Inference.model_version == version
+                        )
+                    )
+                    or 0
+                )
+                failed += session.scalar(select(func.count()).where(Image.id.in_(chunk), Image.status == "failed")) or 0
+        if scored + failed >= len(ids) or time.monotonic() > deadline:
+            return scored, failed
+        if scored + failed != last:
+            console.print(f"  {scored + failed}/{len(ids)}")
+            last = scored + failed
+        time.sleep(1.0)

@@ -322,6 +322,12 @@ def last_hour_counts(database_url: str, *, now: datetime | None = None) -> dict[
                 )
             ).one()
             failed = session.scalar(select(func.count()).select_from(Failure).where(Failure.last_at >= since)) or 0
+            # All time, by kind: incoming images waiting for a score vs the nominal training pool.
+            by_kind = dict(
+                session.execute(
+                    select(Image.kind + ":" + Image.status, func.count()).group_by(Image.kind, Image.status)
+                ).all()
+            )
     finally:
         engine.dispose()
     return {
@@ -331,6 +337,12 @@ def last_hour_counts(database_url: str, *, now: datetime | None = None) -> dict[
         "inferences": int(scored),
         "anomalies": int(anomalous),
         "failures": int(failed),
+        "scoring_backlog": int(by_kind.get("incoming:queued", 0)),
+        "pool": {
+            "pooled": int(by_kind.get("nominal:pooled", 0)),
+            "pending": int(by_kind.get("nominal:queued", 0)),
+            "unreadable": int(by_kind.get("nominal:failed", 0)),
+        },
     }
 
 
@@ -369,4 +381,8 @@ def status(
     table.add_row("inferences (1 h)", str(counts["inferences"]))
     table.add_row("anomalies (1 h)", str(counts["anomalies"]))
     table.add_row("failures (1 h)", str(counts["failures"]))
+    table.add_row("scoring backlog (incoming queued)", str(counts["scoring_backlog"]))
+    pool = counts["pool"]
+    table.add_row("training pool (nominal)", f"{pool['pooled']} pooled, {pool['pending']} to check, "
+                  f"{pool['unreadable']} unreadable")  # fmt: skip
     Console().print(table)
