@@ -2,12 +2,14 @@
 on a real host, after `docker compose up` had started green and scored nothing (issue 14).
 
 Each test names the defect it guards: notification ARNs, unconsumed queues, the service user's writable
-paths, GPU reservations, swallowed failures, unpinned images, the torch build, health checks.
+paths, GPU reservations, swallowed failures, unpinned images, the torch build, health checks; and (issue 12,
+row 9) the database roles: the services log in as a role that is not the superuser, reports as the reader.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from compose_model import (
+    COMPOSE_FILE,
     DEPLOY_DOC,
     DOCKERFILE,
     env_example,
@@ -24,8 +27,11 @@ from compose_model import (
     service_command,
     service_environment,
 )
+from sqlalchemy.engine import URL, make_url
 
 from worker.cli.pipeline_cmds import _DEFAULT_QUEUES
+from worker.reader_role import DEFAULT_READER_ROLE
+from worker.settings import normalize_database_url
 
 REDIS_URL = "redis://127.0.0.1:6379/11"  # never connected to: create_app only builds the routing
 
@@ -291,14 +297,109 @@ def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
         assert re.search(r":RELEASE\.\d{4}-\d\d-\d\dT", services[name]["image"]), name
 
 
-def test_env_example_warns_that_passwords_go_raw_into_urls() -> None:
+def test_env_example_warns_that_passwords_go_raw_into_urls(services: dict[str, dict[str, Any]]) -> None:
     """``@ : / #`` in a password pasted into ``scheme://user:PASSWORD@host`` break or redirect the URL."""
     in_urls = set()
-    for value in load_compose()["x-waferwatch"]["environment"].values():
-        in_urls.update(re.findall(r"://[^@\s]*\$\{(\w+):\?", str(value)))
-    assert in_urls == {"POSTGRES_PASSWORD", "REDIS_PASSWORD"}
+    for service in services.values():
+        for value in (service.get("environment") or {}).values():
+            in_urls.update(re.findall(r"://[^@\s]*\$\{(\w+):\?", str(value)))
+    assert in_urls == {"POSTGRES_ADMIN_PASSWORD", "POSTGRES_PASSWORD", "POSTGRES_READER_PASSWORD", "REDIS_PASSWORD"}
     text = (DOCKERFILE.parent / ".env.example").read_text(encoding="utf-8")
-    warning = text[: text.index("POSTGRES_PASSWORD=")]
+    warning = text[: re.search(r"^\w+=", text, re.M).start()]  # type: ignore[union-attr]
     for variable in in_urls:
         assert variable in warning and re.fullmatch(r"[A-Za-z0-9._~-]+", env_example()[variable]), variable
     assert "go raw into URLs" in warning and "@ : / #" in warning
+
+
+# --- 7. database roles (issue 12, row 9) ---------------------------------------------------------
+
+
+def _url(value: str) -> URL:
+    return make_url(normalize_database_url(value))
+
+
+def _shell_steps(service: dict[str, Any], variables: dict[str, str]) -> list[list[str]]:
+    """The commands of a ``sh -c "a && b"`` service (else its one command), each as argv, with the shell's
+    ``$VAR`` expanded from the service's environment."""
+    argv = service_command(service, variables)
+    if argv[:1] != ["sh"]:
+        return [argv]
+    assert argv[1] == "-c", argv
+    environment = service_environment(service, variables)
+
+    def expand(word: str) -> str:
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: environment[m.group(1)], word)
+
+    return [[expand(word) for word in shlex.split(step)] for step in re.split(r"&&|;|\n", argv[2]) if step.strip()]
+
+
+def _option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    for index, word in enumerate(argv):
+        if word == name:
+            return argv[index + 1]
+        if word.startswith(f"{name}="):
+            return word.split("=", 1)[1]
+    return default
+
+
+def test_the_services_log_in_as_a_role_that_is_not_the_superuser(services: dict[str, dict[str, Any]]) -> None:
+    """``POSTGRES_USER`` is the image's superuser; an application that logs in as it reaches the server's
+    files and programs (``COPY ... TO PROGRAM``). The init script creates the services' own role."""
+    postgres = service_environment(services["postgres"], env_example())
+    admin = postgres.get("POSTGRES_USER", "postgres")
+    app_role = postgres.get("WAFERWATCH_APP_ROLE")
+    assert app_role, "the postgres service names no WAFERWATCH_APP_ROLE for deploy/postgres-init"
+    assert app_role != admin
+    assert postgres.get("WAFERWATCH_APP_PASSWORD") == env_example()["POSTGRES_PASSWORD"]
+    mounts = [v for v in services["postgres"].get("volumes") or [] if ":/docker-entrypoint-initdb.d" in v]
+    assert len(mounts) == 1, "the postgres service mounts no init scripts"
+    folder = COMPOSE_FILE.parent / mounts[0].split(":")[0]
+    scripts = sorted(folder.glob("*.sql"))
+    assert scripts and any("WAFERWATCH_APP_ROLE" in path.read_text(encoding="utf-8") for path in scripts)
+    users = {}
+    for name, service in services.items():
+        url = service_environment(service, env_example()).get("WAFERWATCH_DATABASE_URL")
+        if url:
+            users[name] = _url(url)
+            assert users[name].username == app_role != admin, f"{name} logs in as {users[name].username}"
+            assert users[name].password == postgres["WAFERWATCH_APP_PASSWORD"], name
+    assert {"migrate", "ingest", "worker", "trainer", "beat"} <= set(users)
+
+
+def test_reports_log_in_as_the_reader_that_migrate_creates(services: dict[str, dict[str, Any]]) -> None:
+    """migrate upgrades as the services' role, then runs ``db create-reader`` as the administrator, for the
+    role (and password) that every service's WAFERWATCH_REPORT_DATABASE_URL logs in as."""
+    postgres = service_environment(services["postgres"], env_example())
+    admin = postgres.get("POSTGRES_USER", "postgres")
+    migrate = service_environment(services["migrate"], env_example())
+    steps = _shell_steps(services["migrate"], env_example())
+    assert steps[0] == ["waferwatch", "db", "upgrade"], steps
+    create = [step for step in steps if step[:3] == ["waferwatch", "db", "create-reader"]]
+    assert len(create) == 1, f"migrate does not run `waferwatch db create-reader`: {steps}"
+    admin_url = _url(_option(create[0], "--url") or migrate["WAFERWATCH_DATABASE_URL"])
+    assert admin_url.username == admin, "create-reader grants and creates a role: it needs the administrator"
+    assert admin_url.password == postgres["POSTGRES_PASSWORD"]
+    assert admin_url.database == postgres["POSTGRES_DB"] == _url(migrate["WAFERWATCH_DATABASE_URL"]).database
+    reader = _option(create[0], "--name", DEFAULT_READER_ROLE)
+    assert _option(create[0], "--password") is None, "a password on the command line shows in `ps`"
+    password = migrate.get("WAFERWATCH_READER_PASSWORD")
+    assert password, "create-reader takes the reader's password from WAFERWATCH_READER_PASSWORD"
+    for name, service in services.items():
+        environment = service_environment(service, env_example())
+        if "WAFERWATCH_DATABASE_URL" not in environment:
+            continue
+        report = environment.get("WAFERWATCH_REPORT_DATABASE_URL")
+        assert report, f"{name}: `waferwatch report sql` there would run as {environment['WAFERWATCH_DATABASE_URL']}"
+        url = _url(report)
+        assert (url.username, url.password) == (reader, password), name
+        assert url.username not in (admin, postgres["WAFERWATCH_APP_ROLE"]), name
+        assert (url.host, url.port, url.database) == (lambda u: (u.host, u.port, u.database))(
+            _url(environment["WAFERWATCH_DATABASE_URL"])
+        ), name
+
+
+def test_postgres_is_healthy_only_once_it_listens_on_tcp(services: dict[str, dict[str, Any]]) -> None:
+    """On the first start the image runs the init scripts on a temporary server that listens on the Unix
+    socket only; a socket check calls it healthy then, and migrate connects before the roles exist."""
+    test = " ".join(map(str, services["postgres"]["healthcheck"]["test"]))
+    assert "pg_isready" in test and re.search(r"(-h|--host)[ =](127\.0\.0\.1|localhost)\b", test), test

@@ -296,21 +296,162 @@ def owned_files(folder: Path, uid: int) -> list[Path]:
     return files
 
 
-# --- migrate -------------------------------------------------------------------------------------
+# --- postgres init and migrate: the database roles (issue 12, row 9) ----------------------------
 
 
-def test_migrate_exits_0_as_the_image_user(
-    image_user: ImageUser, services: dict[str, dict[str, Any]], pg_database_factory: Callable[[], str], s3_endpoint: str
+@dataclass
+class DatabaseRoles:
+    """A fresh database set up as the postgres service's init scripts set up ``waferwatch``, with role
+    names of its own (roles are global to the shared server): ``names`` maps each role compose names to
+    the role made here."""
+
+    database: str
+    admin_url: str  # the local server's administrator, in the fresh database
+    names: dict[str, str]
+
+    def url(self, compose_url: str) -> str:
+        """``compose_url`` (a URL of docker-compose.yml) pointed at this database and its roles."""
+        url = make_url(normalize_database_url(compose_url))
+        assert url.username in self.names, f"{compose_url} logs in as {url.username}, a role nobody creates"
+        assert (url.host, url.port) == ("127.0.0.1", 5432), "the database host comes from POSTGRES_HOST"
+        url = url.set(drivername="postgresql", username=self.names[url.username], database=self.database)
+        return url.render_as_string(hide_password=False)  # as compose writes it (libpq's form)
+
+
+def _compose_variables(s3_endpoint: str) -> dict[str, str]:
+    return {**env_example(), "POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": "5432", "REDIS_HOST": "127.0.0.1",
+            "REDIS_PORT": "6379", "S3_ENDPOINT_URL": s3_endpoint}  # fmt: skip
+
+
+def _init_scripts(postgres: dict[str, Any]) -> list[Path]:
+    """The files the postgres service mounts into /docker-entrypoint-initdb.d, in the image's order."""
+    for volume in postgres.get("volumes") or []:
+        source, _, target = volume.partition(":")
+        if target.split(":")[0] == "/docker-entrypoint-initdb.d":
+            return sorted((REPO_ROOT / source).iterdir())
+    pytest.fail("the postgres service mounts nothing into /docker-entrypoint-initdb.d")
+
+
+def _scram_password_is(verifier: str | None, password: str) -> bool:
+    """Whether a ``SCRAM-SHA-256$iterations:salt$StoredKey:ServerKey`` verifier was made from ``password``
+    (the local server trusts every login, so the passwords themselves are checked here)."""
+    import base64
+    import hashlib
+    import hmac
+    import re
+
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(.+)", verifier or "")
+    if not match:
+        return False
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(match[2]), int(match[1]))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    return hashlib.sha256(client_key).digest() == base64.b64decode(match[3])
+
+
+@pytest.fixture
+def database_roles(
+    services: dict[str, dict[str, Any]], pg_database_factory: Callable[[], str]
+) -> Iterator[DatabaseRoles]:
+    """Runs the postgres service's init scripts as the image does (psql as POSTGRES_USER in POSTGRES_DB, the
+    service's environment) in a fresh database; drops the database and the roles made for it afterwards."""
+    import psycopg
+
+    postgres = compose_environment(services["postgres"], env_example())
+    migrate = compose_environment(services["migrate"], env_example())
+    suffix = uuid.uuid4().hex[:10]
+    names = {
+        postgres.get("POSTGRES_USER", "postgres"): "",  # the local server's administrator, below
+        postgres["WAFERWATCH_APP_ROLE"]: f"ww_app_{suffix}",
+        migrate["WAFERWATCH_READER_ROLE"]: f"ww_reader_{suffix}",
+    }
+    admin_url = pg_database_factory()
+    database, administrator = make_url(admin_url).database, make_url(admin_url).username
+    assert database and administrator
+    names[postgres.get("POSTGRES_USER", "postgres")] = administrator
+    libpq_admin = make_url(admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    env = {**postgres, "WAFERWATCH_APP_ROLE": names[postgres["WAFERWATCH_APP_ROLE"]],
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PGHOST": "127.0.0.1", "PGPORT": "5432"}  # fmt: skip
+    try:
+        for script in _init_scripts(services["postgres"]):
+            assert script.suffix == ".sql", f"{script}: only .sql init scripts are run here"
+            result = subprocess.run(
+                ["psql", "-v", "ON_ERROR_STOP=1", "--username", administrator, "--no-password", "--no-psqlrc",
+                 "--dbname", database, "-f", str(script)],
+                env=env, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert result.returncode == 0, f"{script.name}: {result.stdout}{result.stderr}"
+        yield DatabaseRoles(database=database, admin_url=libpq_admin, names=names)
+    finally:
+        with psycopg.connect(make_url(libpq_admin).set(database="postgres").render_as_string(hide_password=False),
+                             autocommit=True) as connection:  # fmt: skip
+            connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            for role in sorted(set(names.values()) - {administrator}):
+                connection.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_the_services_role_migrates_and_reports_run_as_the_reader_as_the_image_user(
+    image_user: ImageUser, services: dict[str, dict[str, Any]], database_roles: DatabaseRoles, s3_endpoint: str
 ) -> None:
-    from worker.db import current_revision, head_revision
+    """postgres's init script, then migrate's commands as the image user, then ``waferwatch report sql`` in
+    the worker's environment: the services' role is no superuser and owns the tables, migrate exits 0 (twice:
+    every ``up`` runs it), the reader may SELECT but the server refuses it (and the services' role) a
+    program."""
+    import psycopg
 
-    url = pg_database_factory()
-    env = container_environment(services["migrate"], image_user, database_url=url, s3_endpoint=s3_endpoint)
-    argv = service_command(services["migrate"], env_example())
+    from worker.db import current_revision, head_revision
+    from worker.reader_role import privilege_warnings
+
+    variables = _compose_variables(s3_endpoint)
+    roles = database_roles
+    app_role = roles.names[compose_environment(services["postgres"], env_example())["WAFERWATCH_APP_ROLE"]]
+    migrate = compose_environment(services["migrate"], variables)
+    reader = roles.names[migrate["WAFERWATCH_READER_ROLE"]]
+    app_url = roles.url(migrate["WAFERWATCH_DATABASE_URL"])
+    report_url = roles.url(migrate["WAFERWATCH_REPORT_DATABASE_URL"])
+    assert make_url(app_url).username == app_role and make_url(report_url).username == reader
+
+    with psycopg.connect(roles.admin_url, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb, rolpassword FROM pg_authid WHERE rolname = %s", (app_role,)
+        ).fetchone()
+        assert row is not None, f"the init script made no role {app_role}"
+        assert row[:3] == (False, False, False), f"{app_role}: superuser, createrole, createdb = {row[:3]}"
+        assert _scram_password_is(row[3], make_url(app_url).password or ""), "the role's password is not the URL's"
+        owner = admin.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (roles.database,))
+        assert owner.fetchone() == (app_role,)
+
+    urls = {key: roles.url(value) for key, value in migrate.items() if value.startswith("postgresql://")}
+    env = container_environment(
+        services["migrate"], image_user, database_url=app_url, s3_endpoint=s3_endpoint,
+        **{**urls, "WAFERWATCH_READER_ROLE": reader},
+    )  # fmt: skip
+    argv = service_command(services["migrate"], variables)
     for _ in range(2):  # every `docker compose up` runs it again
         result = run_as(image_user, argv, env)
         assert result.returncode == 0, result.stdout + result.stderr
-    assert current_revision(url) == head_revision()
+    assert current_revision(normalize_database_url(app_url)) == head_revision()
+
+    with psycopg.connect(roles.admin_url, autocommit=True) as admin:
+        owners = {r[0] for r in admin.execute("SELECT tableowner FROM pg_tables WHERE schemaname = 'public'")}
+        assert owners == {app_role}, "the migrations ran as another role"
+        verifier = admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (reader,)).fetchone()
+        assert verifier and _scram_password_is(verifier[0], make_url(report_url).password or "")
+    assert privilege_warnings(report_url) == []
+    for url in (app_url, report_url):  # the server itself refuses a program to both roles
+        with psycopg.connect(url, autocommit=True) as connection, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            connection.execute("COPY (SELECT 1) TO PROGRAM 'true'")
+
+    worker = compose_environment(services["worker"], variables)
+    report_env = container_environment(
+        services["worker"], image_user, database_url=roles.url(worker["WAFERWATCH_DATABASE_URL"]),
+        s3_endpoint=s3_endpoint, WAFERWATCH_REPORT_DATABASE_URL=roles.url(worker["WAFERWATCH_REPORT_DATABASE_URL"]),
+        WAFERWATCH_DEVICE="cpu",
+    )  # fmt: skip
+    selected = run_as(image_user, ["waferwatch", "report", "sql", "SELECT count(*) AS images FROM images"], report_env)
+    assert selected.returncode == 0, selected.stdout + selected.stderr
+    assert "images" in selected.stdout and "more than a reader" not in selected.stderr, selected.stderr
+    refused = run_as(image_user, ["waferwatch", "report", "sql", "COPY (SELECT 1) TO PROGRAM 'true'"], report_env)
+    assert refused.returncode != 0 and "refused" in refused.stderr, refused.stdout + refused.stderr
 
 
 # --- ingest --------------------------------------------------------------------------------------
