@@ -208,3 +208,49 @@ def test_gate_rules() -> None:
     assert passed and notes == ["no labelled images: threshold consistency only"]
     passed, _, notes = decide(bad, active, n_good=5, n_defect=0, flag_rate=0.0, rules=rules)
     assert passed and "F1 not compared: no confirmed defect" in notes
+
+
+def test_chunked_reconpatch_build_equals_the_one_process_build(
+    session_factory: sessionmaker[Session], store: FolderStore, tmp_path: Path
+) -> None:
+    """Chunks → ReConPatch f (one step) → fold banks → finish gives the model FoldEnsemble.fit gives."""
+    from bench.magnetic_tile import DATASETS
+    from models import FoldEnsemble, PatchCoreConfig
+    from scheduler.rebuild import build_fold_bank, extract_chunk, finish_build, train_representation_step
+
+    folder = DATASETS / "dacon-semiconductor" / "train"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present on this machine (set WAFERWATCH_DATASETS)")
+    config = PatchCoreConfig(
+        folds=2, coreset_ratio=0.02, batch_size=4, reconpatch=True, reconpatch_steps=50, reconpatch_batch=128
+    )
+    keys = [f"nominal/TRAIN_{i:03d}.png" for i in range(10)]
+    for key in keys:
+        store.put(key, (folder / key.removeprefix("nominal/")).read_bytes())
+    plan = BuildPlan(
+        build_id="build-rcp",
+        trigger="manual",
+        config=config.to_dict(),
+        keys=keys,
+        etags=["e"] * len(keys),
+        chunks=plan_chunks(keys, 4),
+        fingerprint="f",
+        snapshot_at=utcnow().isoformat(),
+        work_prefix="models/build-rcp/work/",
+        model_prefix="models/",
+    )
+    for index in range(len(plan.chunks)):
+        extract_chunk(store, plan, index, device="cpu", max_object_bytes=1 << 30)
+    assert train_representation_step(store, plan, device="cpu") == 2  # one f per fold
+    for index in range(config.folds):
+        build_fold_bank(store, plan, index)
+    finished = finish_build(store, session_factory, plan, cache_dir=tmp_path / "cache", device="cpu")
+    assert "reconpatch" in finished.timings
+
+    direct = FoldEnsemble.fit(
+        keys, [(folder / k.removeprefix("nominal/")).read_bytes() for k in keys], config, device="cpu"
+    )
+    assert finished.version == direct.version
+    assert finished.ensemble.fold_thresholds == direct.fold_thresholds
+    manifest = store.get(f"models/{finished.version}/manifest.json", max_bytes=1 << 24).data
+    assert b"reconpatch_1.safetensors" in manifest

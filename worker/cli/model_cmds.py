@@ -37,10 +37,12 @@ def progress_bar() -> Iterator[callable]:
     ) as bar:
         tasks: dict[str, int] = {}
 
-        def report(stage: str, done: int, total: int) -> None:
+        def report(stage: str, done: int, total: int, loss: float | None = None) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+            # ReConPatch's training also reports its loss (models.reconpatch.LossProgress).
+            description = stage if loss is None else f"{stage} loss {loss:.4f}"
+            bar.update(tasks[stage], completed=done, total=total, description=description)
 
         yield report
 
@@ -55,8 +57,10 @@ def model_config(
     k: int,
     seed: int,
     batch_size: int,
+    reconpatch: bool = False,
 ) -> PatchCoreConfig:
     return PatchCoreConfig(
+        reconpatch=reconpatch,
         backbone=backbone,
         layers=tuple(layers.split(",")) if layers else (),
         weights_path=weights,
@@ -115,9 +119,14 @@ def train(
     seed: int = SeedOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
+    reconpatch: bool = typer.Option(
+        False, "--reconpatch", help="Train a ReConPatch representation of the patch features (opt-in, see README)."
+    ),
 ) -> None:
     """Fit the fold ensemble on nominal (good) images and write a model directory."""
-    config = model_config(backbone, layers, weights, image_size, folds, coreset_ratio, k, seed, batch_size)
+    config = model_config(
+        backbone, layers, weights, image_size, folds, coreset_ratio, k, seed, batch_size, reconpatch=reconpatch
+    )
     fit_and_save(list_image_source(images), config, out, device)
 
 
