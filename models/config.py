@@ -77,9 +77,9 @@ class PatchCoreConfig:
     reconpatch_alpha: float = 0.5  # w = α·w_pair + (1 − α)·w_ctx
     reconpatch_margin: float = 1.0  # m of the relaxed contrastive loss (distances are row-mean normalised)
     reconpatch_ema: float = 0.99  # γ of the EMA network that makes the pseudo-labels
-    reconpatch_lr: float = 1e-3  # Adam
-    reconpatch_steps: int = 300  # at most; training stops earlier on a plateau
-    reconpatch_batch: int = 512  # patches per mini-batch, drawn from all training images
+    reconpatch_lr: float = 1e-4  # Adam
+    reconpatch_steps: int = 100  # at most per f; training stops earlier on a plateau
+    reconpatch_batch: int = 128  # patches per mini-batch, drawn from all training images
     reconpatch_patience: int = 3  # 25-step windows without a 0.5 % better loss before stopping
     reconpatch_per_fold: bool = True  # one f per fold (never sees its validation images) or one shared f
 

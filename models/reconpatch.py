@@ -169,9 +169,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @contextlib.contextmanager
 def _deterministic(device: torch.device) -> Iterator[None]:
-    """Deterministic CUDA kernels while training (the CPU kernels used here already are)."""
+    """Deterministic CUDA kernels while training; on the CPU, one intra-op thread.
+
+    The CPU kernels used here are deterministic already; one thread is for speed. A training step is a
+    few hundred small operations on (batch × batch) matrices, each too small to split: on the shared
+    2-core machine, two OpenMP threads made a step 10–60× slower than one (every operation waits at a
+    barrier for a thread the scheduler has parked). One thread also keeps the weights independent of
+    the machine's core count.
+    """
     if device.type != "cuda":
-        yield
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     before = torch.are_deterministic_algorithms_enabled()
@@ -180,6 +192,29 @@ def _deterministic(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def _principal_init(f: PatchHead, flat: np.ndarray, generator: torch.Generator, sample: int = 20_000) -> None:
+    """Start a linear f at the projection on the top principal axes of the training patches (centred).
+
+    Measured: from the default random initialisation the short CPU training ends below plain PatchCore
+    (magnetic tile AUROC 0.798 vs 0.852); from the principal axes f starts where PatchCore on a PCA of the
+    features is and the contrastive loss only modulates it. Axes come from ``torch.linalg.eigh`` of the
+    covariance of a seeded sample, each with its sign fixed (largest component positive), so the start is
+    reproducible; axes beyond the input width keep their random initialisation.
+    """
+    rows = torch.randperm(flat.shape[0], generator=generator)[:sample]
+    x = torch.from_numpy(np.ascontiguousarray(flat[rows.numpy()])).double()
+    mean = x.mean(dim=0)
+    covariance = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)
+    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    axes = vectors.flip(dims=[1]).T[: f.out_dim]  # (≤ out_dim, in_dim), largest variance first
+    signs = torch.sign(axes.gather(1, axes.abs().argmax(dim=1, keepdim=True)))
+    axes = axes * signs
+    layer = f.layers[0]
+    with torch.no_grad():
+        layer.weight[: len(axes)] = axes.float()
+        layer.bias[: len(axes)] = -(axes @ mean).float()
 
 
 def _ema_update(target: nn.Module, source: nn.Module, gamma: float) -> None:
@@ -216,15 +251,21 @@ def train_heads(
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=torch_seed)))
         f = PatchHead(in_dim, config.reconpatch_dim, config.reconpatch_hidden)
         g = PatchHead(config.reconpatch_dim, config.reconpatch_projection_dim, config.reconpatch_projection_hidden)
-    student = nn.Sequential(f, g).to(device)
-    teacher = copy.deepcopy(student).requires_grad_(False)
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.reconpatch_lr)
     batch = min(config.reconpatch_batch, n_patches)
     source = torch.from_numpy(np.ascontiguousarray(flat))
     run = TrainingRun(steps=0)
     window: list[float] = []
     best, stale = math.inf, 0
     with _deterministic(device):
+        if config.reconpatch_hidden == 0:
+            _principal_init(f, flat, torch_seed)
+        if config.reconpatch_projection_hidden == 0 and g.in_dim == g.out_dim:
+            with torch.no_grad():
+                g.layers[0].weight.copy_(torch.eye(g.out_dim))
+                g.layers[0].bias.zero_()
+        student = nn.Sequential(f, g).to(device)
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        optimizer = torch.optim.Adam(student.parameters(), lr=config.reconpatch_lr)
         for step in range(1, config.reconpatch_steps + 1):
             rows = torch.randperm(n_patches, generator=torch_seed)[:batch]
             x = source[rows].to(device=device, dtype=torch.float32)
