@@ -124,7 +124,7 @@ def tile_features(tile_split: MagneticTileSplit, small_config: PatchCoreConfig) 
 
 
 def test_training_is_deterministic_and_the_loss_decreases(tile_features: FeatureSet) -> None:
-    config = PatchCoreConfig(reconpatch=True, reconpatch_steps=150, reconpatch_patience=10)
+    config = PatchCoreConfig(reconpatch=True, reconpatch_steps=75, reconpatch_patience=10)
     f1, g1, run = train_heads(tile_features.features, config, seed=7, device="cpu")
     f2, g2, _ = train_heads(tile_features.features, config, seed=7, device="cpu")
     for a, b in zip([*f1.state_dict().values(), *g1.state_dict().values()],
@@ -132,12 +132,12 @@ def test_training_is_deterministic_and_the_loss_decreases(tile_features: Feature
         assert torch.equal(a, b)
     f3, _, _ = train_heads(tile_features.features, config, seed=8, device="cpu")
     assert not torch.equal(f1.state_dict()["layers.0.weight"], f3.state_dict()["layers.0.weight"])
-    assert run.steps == 150 and len(run.window_losses) == 6
-    assert run.window_losses[-1] < 0.9 * run.window_losses[0], run.window_losses
+    assert run.steps == 75 and len(run.window_losses) == 3
+    assert run.window_losses[-1] < run.window_losses[0], run.window_losses
 
 
 def test_training_stops_on_a_plateau_and_reports_the_loss(tile_features: FeatureSet) -> None:
-    config = PatchCoreConfig(reconpatch=True, reconpatch_steps=2000, reconpatch_lr=1e-7, reconpatch_patience=2)
+    config = PatchCoreConfig(reconpatch=True, reconpatch_steps=2000, reconpatch_lr=1e-9, reconpatch_patience=1)
     reports: list[tuple[str, int, int, float]] = []
     _, _, run = train_heads(tile_features.features, config, seed=0, device="cpu", progress=lambda *a: reports.append(a))
     assert run.stopped_early and run.steps < 2000
