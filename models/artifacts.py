@@ -53,6 +53,8 @@ def ensemble_version(ensemble: FoldEnsemble) -> str:
     for fold in ensemble.folds:
         digest.update(np.ascontiguousarray(fold.bank.vectors).tobytes())
         digest.update(repr(fold.threshold).encode())
+    if ensemble.representation is not None:  # ReConPatch f (and g)
+        digest.update(ensemble.representation.fingerprint())
     return digest.hexdigest()[:16]
 
 
@@ -125,7 +127,12 @@ def _write_ensemble(ensemble: FoldEnsemble, directory: Path) -> None:
                 "n_train_images": len(fold.train_ids),
             }
         )
+    reconpatch = {}
+    if ensemble.representation is not None:  # ReConPatch: its files are listed and hashed like the banks
+        files.update(ensemble.representation.save(directory))
+        reconpatch = {"reconpatch": ensemble.representation.describe()}
     manifest: dict[str, Any] = {
+        **reconpatch,
         "format_version": FORMAT_VERSION,
         "version": ensemble.version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -257,9 +264,20 @@ def load_ensemble(directory: Path, *, device: str | torch.device | None = "auto"
                 validation_scores=tuple(entry.get("validation_scores", ())),
             )
         )
+    representation = None
+    if config.reconpatch:  # ReConPatch f per fold or shared, each file checked against the manifest's hash
+        from models.reconpatch import PatchRepresentation
+
+        entry = manifest.get("reconpatch") or {}
+        if "in_dim" not in entry:
+            raise ArtifactError(f"{directory / MANIFEST} has reconpatch on but no reconpatch entry; rebuild it")
+        representation = PatchRepresentation.load(
+            directory, dict(manifest["files"]), config, in_dim=int(entry["in_dim"]), n_folds=len(folds)
+        )
     ensemble = FoldEnsemble(
         config,
         folds,
+        representation=representation,
         training_images=[TrainingImage(**t) for t in manifest["training_images"]],
         grid=(int(manifest["grid"][0]), int(manifest["grid"][1])),
         device=device,

@@ -80,6 +80,22 @@ class PatchCoreConfig:
     tile_overlap: float = 0.0  # fraction of a tile that neighbouring tiles share (rounded to patch cells)
     layer_weighting: LayerWeighting = "none"  # how tapped layers are balanced (models.embedding.weigh_layer)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # --- ReConPatch (models/reconpatch.py): a trained linear modulation of the patch features (opt-in) ---
+    reconpatch: bool = False
+    reconpatch_dim: int = 64  # output width of the representation layer f (the banks' embed_dim)
+    reconpatch_hidden: int = 0  # 0: f is one linear layer; > 0: Linear → ReLU → Linear with this width
+    reconpatch_projection_dim: int = 64  # output width of the projection layer g (trained, not used to score)
+    reconpatch_projection_hidden: int = 0  # 0: g is one linear layer
+    reconpatch_sigma: float = 1.0  # Gaussian kernel width, relative to the batch's mean squared distance
+    reconpatch_k: int = 5  # neighbours of the contextual similarity
+    reconpatch_alpha: float = 0.5  # w = α·w_pair + (1 − α)·w_ctx
+    reconpatch_margin: float = 1.0  # m of the relaxed contrastive loss (distances are row-mean normalised)
+    reconpatch_ema: float = 0.99  # γ of the EMA network that makes the pseudo-labels
+    reconpatch_lr: float = 1e-4  # Adam
+    reconpatch_steps: int = 100  # at most per f; training stops earlier on a plateau
+    reconpatch_batch: int = 128  # patches per mini-batch, drawn from all training images
+    reconpatch_patience: int = 3  # 25-step windows without a 0.5 % better loss before stopping
+    reconpatch_per_fold: bool = True  # one f per fold (never sees its validation images) or one shared f
 
     def __post_init__(self) -> None:
         if self.backbone not in DEFAULT_LAYERS:
@@ -123,6 +139,21 @@ class PatchCoreConfig:
         )
         _check(self.smoothing_sigma >= 0, f"smoothing_sigma={self.smoothing_sigma} must be >= 0")
         _check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        self._check_reconpatch()
+
+    def _check_reconpatch(self) -> None:
+        """The ReConPatch fields (checked whether or not the switch is on, so a manifest is never invalid)."""
+        for name in ("reconpatch_dim", "reconpatch_projection_dim", "reconpatch_k", "reconpatch_steps"):
+            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("reconpatch_hidden", "reconpatch_projection_hidden"):
+            _check(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0 (0: one linear layer)")
+        _check(self.reconpatch_batch >= 2, f"reconpatch_batch={self.reconpatch_batch} must be >= 2 (pairs)")
+        _check(self.reconpatch_sigma > 0, f"reconpatch_sigma={self.reconpatch_sigma} must be > 0")
+        _check(0.0 <= self.reconpatch_alpha <= 1.0, f"reconpatch_alpha={self.reconpatch_alpha} must be in [0, 1]")
+        _check(self.reconpatch_margin > 0, f"reconpatch_margin={self.reconpatch_margin} must be > 0")
+        _check(0.0 <= self.reconpatch_ema < 1.0, f"reconpatch_ema={self.reconpatch_ema} must be in [0, 1)")
+        _check(self.reconpatch_lr > 0, f"reconpatch_lr={self.reconpatch_lr} must be > 0")
+        _check(self.reconpatch_patience >= 1, f"reconpatch_patience={self.reconpatch_patience} must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""

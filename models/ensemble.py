@@ -24,6 +24,7 @@ from models.config import PatchCoreConfig
 from models.errors import ConfigError
 from models.features import PatchFeatureExtractor
 from models.memory_bank import MemoryBank
+from models.reconpatch import PatchRepresentation
 from models.scoring import anomaly_maps, score_patches
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ class FoldEnsemble:
         extractor: PatchFeatureExtractor | None = None,
         device: str | torch.device | None = "auto",
         report: FitReport | None = None,
+        representation: PatchRepresentation | None = None,
     ) -> None:
         self.config = config
+        self.representation = representation  # ReConPatch f (per fold or shared), None for plain PatchCore
         self.folds = tuple(folds)
         self.training_images = tuple(training_images)
         self.grid = grid
@@ -109,16 +112,19 @@ class FoldEnsemble:
     ) -> FoldEnsemble:
         """Fit on nominal images. ``ids`` must be unique; ``sources`` are joined to them by position here
         and by id everywhere after (the order of the inputs does not change the result)."""
-        from models.training import assemble_ensemble, build_fold, extract_features
+        from models.training import assemble_ensemble, build_fold, extract_features, train_representation
 
         extractor = PatchFeatureExtractor(config, device=device)
         features = extract_features(ids, sources, config, extractor=extractor, progress=progress)
+        representation = train_representation(features, config, device=device, progress=progress)  # ReConPatch
         folds = []
         for index in range(config.folds):
-            folds.append(build_fold(features, index, config))
+            folds.append(build_fold(features, index, config, representation))
             if progress:
                 progress("folds", index + 1, config.folds)
-        return assemble_ensemble(config, features, folds, extractor=extractor, device=device)
+        return assemble_ensemble(
+            config, features, folds, extractor=extractor, device=device, representation=representation
+        )
 
     # ------------------------------------------------------------------ scoring
     @property
@@ -159,10 +165,10 @@ class FoldEnsemble:
     ) -> list[ImageScore]:
         """Score patch embeddings (n_images, h, w, embed_dim) from :class:`PatchFeatureExtractor`."""
         n_images, height, width, dim = embedded.shape
-        if (height, width) != self.grid or dim != self.folds[0].bank.embed_dim:
+        raw_dim = self.representation.in_dim if self.representation else self.folds[0].bank.embed_dim
+        if (height, width) != self.grid or dim != raw_dim:
             raise ConfigError(
-                f"embeddings of shape {(height, width, dim)} do not match the model's "
-                f"{(*self.grid, self.folds[0].bank.embed_dim)}"
+                f"embeddings of shape {(height, width, dim)} do not match the model's {(*self.grid, raw_dim)}"
             )
         # Rounded through float16 exactly like the stored training features, so an image scores the same
         # whether it was calibrated on or scored later.
@@ -170,7 +176,8 @@ class FoldEnsemble:
         fold_scores = np.empty((len(self.folds), n_images), dtype=np.float64)
         fold_grids = np.empty((len(self.folds), n_images, height * width), dtype=np.float32)
         for f, fold in enumerate(self.folds):
-            fold_scores[f], fold_grids[f] = score_patches(fold.bank, patches, self.config)
+            fold_patches = self.representation.transform(patches, f) if self.representation else patches
+            fold_scores[f], fold_grids[f] = score_patches(fold.bank, fold_patches, self.config)
         if self.config.score_aggregate == "max":
             scores, grids = fold_scores.max(axis=0), fold_grids.max(axis=0)
         else:

@@ -28,6 +28,7 @@ from models.errors import ArtifactError, BadImageError, ConfigError
 from models.features import PatchFeatureExtractor
 from models.images import decode_image
 from models.memory_bank import MemoryBank
+from models.reconpatch import LossProgress, PatchRepresentation, fit_representation
 from models.scoring import score_patches
 
 logger = logging.getLogger(__name__)
@@ -169,9 +170,16 @@ def plan_folds(ids: Sequence[str], config: PatchCoreConfig) -> list[tuple[list[s
     ]
 
 
-def build_fold(features: FeatureSet, index: int, config: PatchCoreConfig) -> Fold:
-    """Fold ``index``: coreset bank from its train part, threshold = max score over its validation part."""
+def build_fold(
+    features: FeatureSet, index: int, config: PatchCoreConfig, representation: PatchRepresentation | None = None
+) -> Fold:
+    """Fold ``index``: coreset bank from its train part, threshold = max score over its validation part.
+
+    With a ReConPatch ``representation`` the fold works on its f's output instead of the raw features.
+    """
     train_ids, validation_ids = plan_folds(features.ids, config)[index]
+    if representation is not None:
+        features = transform_features(features, representation, index)
     started = time.perf_counter()
     patches = features.features[features.rows(train_ids)]
     patches = torch.from_numpy(patches.reshape(-1, patches.shape[-1]).astype(np.float32))
@@ -214,6 +222,7 @@ def assemble_ensemble(
     *,
     extractor: PatchFeatureExtractor | None = None,
     device: str | torch.device | None = "auto",
+    representation: PatchRepresentation | None = None,
 ) -> FoldEnsemble:
     """The ensemble from its folds (in fold order, whatever order they were built in)."""
     folds = sorted(folds, key=lambda fold: fold.index)
@@ -222,8 +231,42 @@ def assemble_ensemble(
     report = FitReport(seconds={"features": features.seconds}, skipped=list(features.skipped))
     training = [TrainingImage(id=i, sha256=h) for i, h in zip(features.ids, features.sha256, strict=True)]
     return FoldEnsemble(
-        config, folds, training_images=training, grid=features.grid, extractor=extractor, device=device, report=report
+        config,
+        folds,
+        training_images=training,
+        grid=features.grid,
+        extractor=extractor,
+        device=device,
+        report=report,
+        representation=representation,
     )
+
+
+# --- ReConPatch (models/reconpatch.py) ------------------------------------------------------------------
+
+
+def train_representation(
+    features: FeatureSet,
+    config: PatchCoreConfig,
+    *,
+    device: str | torch.device | None = "auto",
+    progress: LossProgress | None = None,
+) -> PatchRepresentation | None:
+    """The ReConPatch f of the model (None unless ``config.reconpatch``): one per fold, trained on that
+    fold's train images only (so its threshold stays honest), or one shared, trained on all of them."""
+    if not config.reconpatch:
+        return None
+    if config.reconpatch_per_fold:
+        parts = [features.features[features.rows(train_ids)] for train_ids, _ in plan_folds(features.ids, config)]
+    else:
+        parts = [features.features]
+    return fit_representation(parts, config, device=device, progress=progress)
+
+
+def transform_features(features: FeatureSet, representation: PatchRepresentation, fold: int) -> FeatureSet:
+    """The set in fold ``fold``'s ReConPatch feature space (float16, like the raw set)."""
+    transformed = representation.transform(features.features, fold).astype(np.float16)
+    return FeatureSet(features.ids, features.sha256, transformed, features.grid, features.skipped, features.seconds)
 
 
 def _read_source(source: ImageSource) -> bytes:

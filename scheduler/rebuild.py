@@ -52,7 +52,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import BadImageError, FoldEnsemble, PatchCoreConfig, decode_image
 from models.artifacts import load_fold, save_fold
-from models.training import FeatureSet, assemble_ensemble, build_fold, extract_features
+from models.reconpatch import PatchRepresentation
+from models.training import FeatureSet, assemble_ensemble, build_fold, extract_features, train_representation
 from scheduler.locks import rebuild_lock
 from worker import model_events, repository
 from worker.db import session_scope
@@ -85,6 +86,7 @@ __all__ = [
     "select_training_pool",
     "set_stage",
     "should_rebuild",
+    "train_representation_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -598,12 +600,48 @@ def load_features(store: ObjectStore, plan: BuildPlan, folder: Path) -> FeatureS
     return FeatureSet.concatenate(parts)
 
 
+# --- ReConPatch: f trained once, between the chunks and the folds -------------------------------------
+
+_REPRESENTATION_META = "reconpatch.json"
+
+
+def train_representation_step(store: ObjectStore, plan: BuildPlan, *, device: str) -> int:
+    """ReConPatch f (per fold or shared) to ``work/reconpatch_<i>.safetensors`` + ``work/reconpatch.json``
+    (their hashes and input width); returns how many f were trained (0: the config does not use it)."""
+    if not plan.patchcore_config.reconpatch:
+        return 0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="waferwatch-reconpatch-") as folder:
+        features = load_features(store, plan, Path(folder))
+        representation = train_representation(features, plan.patchcore_config, device=device)
+        out = Path(folder) / "out"
+        files = representation.save(out)
+        meta = {"files": files, "in_dim": representation.in_dim, "summary": representation.describe()}
+        (out / _REPRESENTATION_META).write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
+        _upload(store, plan.work_prefix, [out / name for name in sorted(files)] + [out / _REPRESENTATION_META])
+    _record_timing(store, plan, "reconpatch", time.perf_counter() - started)
+    return len(files)
+
+
+def load_representation(store: ObjectStore, plan: BuildPlan, folder: Path) -> PatchRepresentation | None:
+    """The f of :func:`train_representation_step`, every file hash-checked (None for plain PatchCore)."""
+    config = plan.patchcore_config
+    if not config.reconpatch:
+        return None
+    meta_path = _download(store, plan.work_prefix + _REPRESENTATION_META, folder / _REPRESENTATION_META)
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    for name in sorted(meta["files"]):
+        _download(store, plan.work_prefix + name, folder / name)
+    return PatchRepresentation.load(folder, meta["files"], config, in_dim=int(meta["in_dim"]), n_folds=config.folds)
+
+
 def build_fold_bank(store: ObjectStore, plan: BuildPlan, index: int) -> int:
     """Fold ``index``'s bank and threshold to ``work/fold_<index>.*``; returns the bank size."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="waferwatch-fold-") as folder:
         features = load_features(store, plan, Path(folder))
-        fold = build_fold(features, index, plan.patchcore_config)
+        representation = load_representation(store, plan, Path(folder))  # ReConPatch (None: plain)
+        fold = build_fold(features, index, plan.patchcore_config, representation)
         out = Path(folder) / "out"
         _upload(store, plan.work_prefix, save_fold(fold, out))
     _record_timing(store, plan, f"fold_{index}", time.perf_counter() - started)
@@ -642,7 +680,8 @@ def finish_build(
             for suffix in (".safetensors", ".json"):
                 _download(store, f"{plan.work_prefix}fold_{index}{suffix}", Path(folder) / f"fold_{index}{suffix}")
         folds = [load_fold(Path(folder), index) for index in range(config.folds)]
-        ensemble = assemble_ensemble(config, features, folds, device=device)
+        representation = load_representation(store, plan, Path(folder))  # ReConPatch (None: plain)
+        ensemble = assemble_ensemble(config, features, folds, device=device, representation=representation)
         version = ensemble.version
         target = cache_dir / version
         assembled = time.perf_counter()
@@ -690,12 +729,17 @@ def finish_build(
 
 def _collect_timings(store: ObjectStore, plan: BuildPlan) -> dict[str, float]:
     extract, folds = [], []
+    timings: dict[str, float] = {}
     for info in store.list(plan.work_prefix + "timings/"):
         entry = json.loads(store.get(info.key, max_bytes=1 << 20).data)
+        if entry["step"] == "reconpatch":
+            timings["reconpatch"] = float(entry["seconds"])
+            continue
         (extract if entry["step"].startswith("extract") else folds).append(float(entry["seconds"]))
     return {
         "extract_total": sum(extract),
         "extract_max_task": max(extract, default=0.0),
         "fold_total": sum(folds),
         "fold_max_task": max(folds, default=0.0),
+        **timings,
     }

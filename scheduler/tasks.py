@@ -6,6 +6,8 @@ only decide and claim under the rebuild lock (:func:`scheduler.rebuild.claim_bui
     chord(group(extract_chunk(build, i) for each chunk),
           chord(group(build_fold(build, k) for each fold), finish_rebuild(build)))
 
+(with ReConPatch on, the chunks' body is ``train_representation(build) | chord(folds, finish)``).
+
 Every signature is immutable and takes the build id (and an index) only; the data flow between steps
 goes through the bucket (``models/<build_id>/work/``), so any train worker on any machine can run any
 step. Chords need a result backend: :func:`register_train_tasks` sets one when the app has none (the
@@ -54,7 +56,8 @@ NIGHTLY_RETRAIN: Final = "waferwatch.nightly_retrain"
 EXTRACT_CHUNK: Final = "waferwatch.extract_chunk"
 BUILD_FOLD: Final = "waferwatch.build_fold"
 FINISH_REBUILD: Final = "waferwatch.finish_rebuild"
-TRAIN_TASKS: Final = (CHECK_RETRAIN, NIGHTLY_RETRAIN, EXTRACT_CHUNK, BUILD_FOLD, FINISH_REBUILD)
+TRAIN_REPRESENTATION: Final = "waferwatch.train_representation"  # ReConPatch f, between chunks and folds
+TRAIN_TASKS: Final = (CHECK_RETRAIN, NIGHTLY_RETRAIN, EXTRACT_CHUNK, BUILD_FOLD, FINISH_REBUILD, TRAIN_REPRESENTATION)
 
 
 def result_backend_for(settings: Settings) -> str:
@@ -101,13 +104,16 @@ def gate_rules_of(settings: Settings) -> gate_rules.GateRules:
     )
 
 
-def rebuild_canvas(app: Celery, build_id: str, n_chunks: int, n_folds: int) -> Signature:
-    """The chord of chunk extractions whose body is the chord of fold builds into ``finish_rebuild``."""
+def rebuild_canvas(app: Celery, build_id: str, n_chunks: int, n_folds: int, *, reconpatch: bool = False) -> Signature:
+    """The chord of chunk extractions whose body is the chord of fold builds into ``finish_rebuild``;
+    with ``reconpatch`` the body first trains f (one task), then the folds."""
 
     def step(name: str, *args: Any) -> Signature:
         return app.signature(name, args=args, immutable=True, queue=TRAIN_QUEUE)
 
     folds = chord(group(step(BUILD_FOLD, build_id, k) for k in range(n_folds)), step(FINISH_REBUILD, build_id))
+    if reconpatch:
+        folds = step(TRAIN_REPRESENTATION, build_id) | folds
     return chord(group(step(EXTRACT_CHUNK, build_id, i) for i in range(n_chunks)), folds)
 
 
@@ -135,7 +141,8 @@ def start_rebuild(app: Celery, trigger: rebuild.Trigger) -> tuple[str | None, st
         logger.info("no rebuild (%s): %s", trigger, why)
         return None, why
     try:
-        rebuild_canvas(app, plan.build_id, len(plan.chunks), plan.patchcore_config.folds).apply_async()
+        config = plan.patchcore_config
+        rebuild_canvas(app, plan.build_id, len(plan.chunks), config.folds, reconpatch=config.reconpatch).apply_async()
     except Exception as exc:
         rebuild.fail_build(
             context.session_factory,
@@ -264,6 +271,17 @@ def register_train_tasks(app: Celery, settings: Settings) -> None:
             done = sum(1 for info in context.store.list(plan.work_prefix) if info.key.endswith(".safetensors"))
             rebuild.set_stage(context.session_factory, build_id, f"folds {done}/{plan.patchcore_config.folds}")
             return size
+
+        return guarded(self, build_id, work)
+
+    @app.task(name=TRAIN_REPRESENTATION, ignore_result=False, **policy)
+    def train_representation(self: Task, build_id: str) -> int:
+        context = context_of(self.app)
+
+        def work() -> int:
+            plan = rebuild.load_plan(context.store, context.settings.model_prefix, build_id)
+            rebuild.set_stage(context.session_factory, build_id, "reconpatch: training f")
+            return rebuild.train_representation_step(context.store, plan, device=context.settings.device)
 
         return guarded(self, build_id, work)
 

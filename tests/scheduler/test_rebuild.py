@@ -398,3 +398,65 @@ def test_nightly_rebuild_runs_at_local_time_in_an_iana_zone() -> None:
     assert isinstance(nightly, ZonedCrontab) and nightly.zone == "Asia/Seoul"
     with pytest.raises(ValueError, match="IANA time zone"):
         Settings(nightly_retrain_zone="Mars/Olympus")  # type: ignore[call-arg]
+
+
+def test_gate_rules() -> None:
+    rules = GateRules(auroc_margin=0.02, f1_margin=0.05, max_nominal_flag_rate=0.1)
+    active = {"image_auroc": 0.95, "f1": 0.80}
+    ok = {"image_auroc": 0.94, "f1": 0.76}
+    bad = {"image_auroc": 0.70, "f1": 0.50}
+    assert decide(ok, active, n_good=5, n_defect=5, flag_rate=0.05, rules=rules)[0]
+    passed, reasons, _ = decide(bad, active, n_good=5, n_defect=5, flag_rate=0.05, rules=rules)
+    assert not passed and len(reasons) == 2 and reasons[0].startswith("AUROC 0.7000")
+    passed, reasons, _ = decide(ok, active, n_good=5, n_defect=5, flag_rate=0.5, rules=rules)
+    assert not passed and "flags 50.0%" in reasons[0]
+    passed, reasons, notes = decide(None, None, n_good=0, n_defect=0, flag_rate=0.0, rules=rules)
+    assert passed and notes == ["no labelled images: threshold consistency only"]
+    passed, _, notes = decide(bad, active, n_good=5, n_defect=0, flag_rate=0.0, rules=rules)
+    assert passed and "F1 not compared: no confirmed defect" in notes
+
+
+def test_chunked_reconpatch_build_equals_the_one_process_build(
+    session_factory: sessionmaker[Session], store: FolderStore, tmp_path: Path
+) -> None:
+    """Chunks → ReConPatch f (one step) → fold banks → finish gives the model FoldEnsemble.fit gives."""
+    from bench.magnetic_tile import DATASETS
+    from models import FoldEnsemble, PatchCoreConfig
+    from scheduler.rebuild import build_fold_bank, extract_chunk, finish_build, train_representation_step
+
+    folder = DATASETS / "dacon-semiconductor" / "train"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present on this machine (set WAFERWATCH_DATASETS)")
+    config = PatchCoreConfig(
+        folds=2, coreset_ratio=0.02, batch_size=4, reconpatch=True, reconpatch_steps=50, reconpatch_batch=128
+    )
+    keys = [f"nominal/TRAIN_{i:03d}.png" for i in range(10)]
+    for key in keys:
+        store.put(key, (folder / key.removeprefix("nominal/")).read_bytes())
+    plan = BuildPlan(
+        build_id="build-rcp",
+        trigger="manual",
+        config=config.to_dict(),
+        keys=keys,
+        etags=["e"] * len(keys),
+        chunks=plan_chunks(keys, 4),
+        fingerprint="f",
+        snapshot_at=utcnow().isoformat(),
+        work_prefix="models/build-rcp/work/",
+        model_prefix="models/",
+    )
+    for index in range(len(plan.chunks)):
+        extract_chunk(store, plan, index, device="cpu", max_object_bytes=1 << 30)
+    assert train_representation_step(store, plan, device="cpu") == 2  # one f per fold
+    for index in range(config.folds):
+        build_fold_bank(store, plan, index)
+    finished = finish_build(store, session_factory, plan, cache_dir=tmp_path / "cache", device="cpu")
+    assert "reconpatch" in finished.timings
+
+    direct = FoldEnsemble.fit(
+        keys, [(folder / k.removeprefix("nominal/")).read_bytes() for k in keys], config, device="cpu"
+    )
+    assert finished.version == direct.version
+    assert finished.ensemble.fold_thresholds == direct.fold_thresholds
+    manifest = store.get(f"models/{finished.version}/manifest.json", max_bytes=1 << 24).data
+    assert b"reconpatch_1.safetensors" in manifest

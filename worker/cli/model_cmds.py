@@ -39,10 +39,12 @@ def progress_bar() -> Iterator[callable]:
     ) as bar:
         tasks: dict[str, int] = {}
 
-        def report(stage: str, done: int, total: int) -> None:
+        def report(stage: str, done: int, total: int, loss: float | None = None) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+            # ReConPatch's training also reports its loss (models.reconpatch.LossProgress).
+            description = stage if loss is None else f"{stage} loss {loss:.4f}"
+            bar.update(tasks[stage], completed=done, total=total, description=description)
 
         yield report
 
@@ -86,6 +88,7 @@ def model_config(
     tile_overlap: float | None = None,
     layer_weighting: str | None = None,
     reweight_neighbours: int | None = None,
+    reconpatch: bool | None = None,
 ) -> PatchCoreConfig:
     """The one place where model options become a :class:`PatchCoreConfig`.
 
@@ -109,6 +112,7 @@ def model_config(
         "tile_overlap": tile_overlap,
         "layer_weighting": layer_weighting,
         "reweight_neighbours": reweight_neighbours,
+        "reconpatch": reconpatch or None,
     }
     try:
         overrides = {name: value for name, value in given.items() if value is not None}
@@ -275,6 +279,9 @@ def train(
     layer_weighting: str | None = WeightingOpt,
     reweight_neighbours: int | None = ReweightOpt,
     device: str = DeviceOpt,
+    reconpatch: bool = typer.Option(
+        False, "--reconpatch", help="Train a ReConPatch representation of the patch features (opt-in, see README)."
+    ),
 ) -> None:
     """Fit the fold ensemble on nominal (good) images and write a model directory."""
     config = model_config(
@@ -294,6 +301,7 @@ def train(
         tile_overlap=tile_overlap,
         layer_weighting=layer_weighting,
         reweight_neighbours=reweight_neighbours,
+        reconpatch=reconpatch,
     )
     device = check_device(device)
     check_model_out(out, overwrite=overwrite)
