@@ -61,7 +61,8 @@ FEATURE_FIELDS = (
 #: The candidates of the README table: name → overrides of PatchCoreConfig().
 CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
-    "original": {"coreset_ratio": 0.01, "threshold_rule": "fold_max", "reweight_neighbours": 5},
+    # The defaults before this table: k = 5, eq. 7 over the same 5 neighbours, threshold = mean of fold maxima.
+    "previous": {"k": 5, "reweight_neighbours": 5, "threshold_rule": "fold_max"},
 }
 
 

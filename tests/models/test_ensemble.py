@@ -5,7 +5,9 @@ import pytest
 
 from bench.magnetic_tile import subsample
 from models import FoldEnsemble, load_image_file
+from models.ensemble import ensemble_threshold
 from models.evaluation import evaluate_ensemble
+from models.thresholds import fit_threshold
 
 # Measured on this split (120 train, coreset 2%, 40 good + 40 defective held out): image AUROC 0.836, pixel
 # AUROC 0.787. The bounds keep a margin for other CPUs and BLAS builds while staying far above chance (0.5).
@@ -20,7 +22,12 @@ def test_fold_thresholds_are_the_max_validation_score_of_each_fold(tile_ensemble
         results = tile_ensemble.score_images(images, list(fold.validation_ids), with_maps=False)
         own = [r.fold_scores[fold.index] for r in results]
         assert fold.threshold == pytest.approx(max(own), rel=1e-5)
-    assert tile_ensemble.threshold == pytest.approx(np.mean(tile_ensemble.fold_thresholds))
+    assert fold.validation_scores and max(fold.validation_scores) == fold.threshold
+    pooled = np.array([s for fold in tile_ensemble.folds for s in fold.validation_scores])
+    rule, rate = tile_ensemble.config.threshold_rule, tile_ensemble.config.false_alarm_rate
+    assert tile_ensemble.threshold == pytest.approx(fit_threshold(pooled, rule, false_alarm_rate=rate))
+    original = ensemble_threshold(tile_ensemble.folds, tile_ensemble.config.replace(threshold_rule="fold_max"))
+    assert original == pytest.approx(np.mean(tile_ensemble.fold_thresholds))
 
 
 def test_folds_partition_the_training_images(tile_ensemble):
