@@ -19,7 +19,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0005_registry_history"
-down_revision: str | Sequence[str] | None = "0004_leases"
+down_revision: str | Sequence[str] | None = "0003_object_versions"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
