@@ -400,22 +400,6 @@ def test_nightly_rebuild_runs_at_local_time_in_an_iana_zone() -> None:
         Settings(nightly_retrain_zone="Mars/Olympus")  # type: ignore[call-arg]
 
 
-def test_gate_rules() -> None:
-    rules = GateRules(auroc_margin=0.02, f1_margin=0.05, max_nominal_flag_rate=0.1)
-    active = {"image_auroc": 0.95, "f1": 0.80}
-    ok = {"image_auroc": 0.94, "f1": 0.76}
-    bad = {"image_auroc": 0.70, "f1": 0.50}
-    assert decide(ok, active, n_good=5, n_defect=5, flag_rate=0.05, rules=rules)[0]
-    passed, reasons, _ = decide(bad, active, n_good=5, n_defect=5, flag_rate=0.05, rules=rules)
-    assert not passed and len(reasons) == 2 and reasons[0].startswith("AUROC 0.7000")
-    passed, reasons, _ = decide(ok, active, n_good=5, n_defect=5, flag_rate=0.5, rules=rules)
-    assert not passed and "flags 50.0%" in reasons[0]
-    passed, reasons, notes = decide(None, None, n_good=0, n_defect=0, flag_rate=0.0, rules=rules)
-    assert passed and notes == ["no labelled images: threshold consistency only"]
-    passed, _, notes = decide(bad, active, n_good=5, n_defect=0, flag_rate=0.0, rules=rules)
-    assert passed and "F1 not compared: no confirmed defect" in notes
-
-
 def test_chunked_reconpatch_build_equals_the_one_process_build(
     session_factory: sessionmaker[Session], store: FolderStore, tmp_path: Path
 ) -> None:
