@@ -147,7 +147,7 @@ def test_heatmaps_only_for_anomalous_images_or_none(
     tmp_path: Path,
 ) -> None:
     publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
-    ids = _register(session_factory, store, _drop(store, "incoming/h/", dacon_test_images[:12]))
+    ids = _register(session_factory, store, _drop(store, "incoming/h/", dacon_test_images[:40]))
     provider = _provider(session_factory, store, tmp_path)
 
     score_batch(
@@ -160,10 +160,10 @@ def test_heatmaps_only_for_anomalous_images_or_none(
 
     with session_scope(session_factory) as session:
         rows = session.execute(select(Inference.is_anomalous, Inference.heatmap_key)).all()
-    assert len(rows) == 12
+    assert len(rows) == 40
     flagged = [key for anomalous, key in rows if anomalous]
     if heatmaps == "anomalous":
-        assert 0 < len(flagged) < 12, "the test needs both kinds among the first 12 Dacon test images"
+        assert 0 < len(flagged) < 40, "the test needs both kinds among the first 40 Dacon test images"
         assert all(key and store.head(key).size > 0 for key in flagged)
     assert all(key is None for anomalous, key in rows if heatmaps == "none" or not anomalous)
 
