@@ -26,6 +26,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def cli_env(tmp_path: Path) -> dict[str, str]:
     url = f"sqlite:///{tmp_path / 'waferwatch.db'}"
     upgrade_database(url)
+    (tmp_path / "bucket").mkdir()  # the folder store opens an existing root (a mounted share), never creates it
     env = {key: value for key, value in os.environ.items() if not key.startswith("WAFERWATCH_")}
     env.update(
         {
