@@ -56,6 +56,7 @@ FEATURE_FIELDS = (
     "tiles",
     "tile_overlap",
     "layer_weighting",
+    "augment",
 )
 
 #: The candidates of the README table: name → overrides of PatchCoreConfig().
@@ -121,6 +122,8 @@ def labelled_sets(names: list[str], quick: bool) -> list[LabelledSet]:
 def feature_key(config: PatchCoreConfig, set_name: str, quick: bool) -> str:
     data = config.to_dict()
     payload = {field: data[field] for field in FEATURE_FIELDS} | {"set": set_name, "quick": quick}
+    if payload["augment"] == "none":  # added after the cache's first entries: keys without it stay valid
+        del payload["augment"]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -223,18 +226,71 @@ def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, qu
     }
 
 
+def fuse_rows(name: str, members: list[dict[str, Any]], n_good: int) -> dict[str, Any]:
+    """A backbone ensemble scored as separate members: each member's scores standardised by its own
+    out-of-fold nominal scores (median, then the spread between the median and the 95th percentile), the
+    standardised scores averaged, and the product's threshold rule fitted on the averaged out-of-fold scores.
+
+    Every member splits the same sorted training ids with the same seeded folds, so their pooled validation
+    scores line up image by image (checked by length; the ids are the same by construction).
+    """
+    from models.thresholds import fit_threshold
+
+    config = PatchCoreConfig()
+    validation, test = [], []
+    for row in members:
+        pooled = np.asarray(row["validation_scores"])
+        centre = float(np.median(pooled))
+        spread = max(float(np.quantile(pooled, 0.95)) - centre, 1e-12)
+        validation.append((pooled - centre) / spread)
+        test.append((np.asarray(row["test_scores"]) - centre) / spread)
+    if len({len(v) for v in validation}) != 1 or len({len(t) for t in test}) != 1:
+        raise ValueError(f"{name}: members were not fitted on the same images")
+    pooled, scores = np.mean(validation, axis=0), np.mean(test, axis=0)
+    threshold = fit_threshold(pooled, config.threshold_rule, false_alarm_rate=config.false_alarm_rate)
+    labels = np.array([0] * n_good + [1] * (len(scores) - n_good))
+    metrics = image_metrics(scores, labels, threshold)
+    return {
+        "set": members[0]["set"],
+        "candidate": name,
+        "image_auroc": metrics["image_auroc"],
+        "f1": metrics["f1"],
+        "f1_best": metrics["best_f1"],
+        "recall": metrics["recall"],
+        "false_alarm_rate": float((scores[:n_good] > threshold).mean()),
+        "pixel_auroc": float("nan"),  # members' maps are not combined here
+        "train_s": sum(r["train_s"] for r in members),
+        "score_ms": sum(r["score_ms"] for r in members),
+        "bank": sum(r["bank"] for r in members),
+        "members": [r["candidate"] for r in members],
+        "validation_scores": pooled.tolist(),
+        "test_scores": scores.tolist(),
+    }
+
+
 HEADER = (
     "| set | candidate | image AUROC | F1 @ threshold | best F1 | false alarms | pixel AUROC | train s "
     "| score ms/img | bank/fold |"
 )
 
 
+def _figure(value: float) -> str:
+    return f"{value:.3f}" if np.isfinite(value) else "—"
+
+
 def markdown_row(row: dict[str, Any]) -> str:
     return (
         f"| {row['set']} | {row['candidate']} | {row['image_auroc']:.3f} | {row['f1']:.3f} | {row['f1_best']:.3f} | "
-        f"{100 * row['false_alarm_rate']:.1f}% | {row['pixel_auroc']:.3f} | {row['train_s']:.1f} | "
+        f"{100 * row['false_alarm_rate']:.1f}% | {_figure(row['pixel_auroc'])} | {row['train_s']:.1f} | "
         f"{row['score_ms']:.1f} | {row['bank']} |"
     )
+
+
+def set_label(name: str, per_set: dict[str, dict[str, Any]]) -> str:
+    """The set's name in the table, with the overrides every candidate got on it."""
+    if name not in per_set:
+        return name
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in per_set[name].items())})"
 
 
 def main() -> None:
@@ -242,6 +298,20 @@ def main() -> None:
     parser.add_argument("--sets", default="magnetic-tile,deeppcb")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help=f"from {sorted(CANDIDATES)}")
     parser.add_argument("--extra", action="append", default=[], help="'name:key=value,...' (repeatable)")
+    parser.add_argument(
+        "--fuse",
+        action="append",
+        default=[],
+        help="'name=candA+candB': a backbone ensemble of candidates run here or read from --from-json (repeatable)",
+    )
+    parser.add_argument("--from-json", type=Path, help="rows of an earlier run (JSON lines) to fuse with")
+    parser.add_argument(
+        "--set-overrides",
+        action="append",
+        default=[],
+        help="'set:key=value,...' applied to every candidate on that set, e.g. 'deeppcb:tiles=4' (the tiling "
+        "tune picks for small defects on large frames); the rows' set names say so",
+    )
     parser.add_argument("--quick", action="store_true", help="subsample every set (smoke run)")
     parser.add_argument("--json", type=Path, help="append the rows here (JSON lines)")
     parser.add_argument("--markdown", type=Path, help="write the markdown table here")
@@ -259,11 +329,33 @@ def main() -> None:
         )
     print(HEADER, flush=True)
     print("|---" * 10 + "|", flush=True)
+    per_set: dict[str, dict[str, Any]] = {}
+    for spec in args.set_overrides:
+        set_name, _, overrides = spec.partition(":")
+        per_set[set_name] = parse_overrides(overrides)
     rows = []
     for name, overrides in candidates.items():
-        config = PatchCoreConfig().replace(**overrides)
         for data in sets:
+            config = PatchCoreConfig().replace(**overrides, **per_set.get(data.name, {}))
             row = evaluate_candidate(name, config, data, args.quick)
+            row["set"] = set_label(data.name, per_set)
+            rows.append(row)
+            print(markdown_row(row), flush=True)
+            if args.json:
+                with args.json.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    known = list(rows)
+    if args.from_json and args.from_json.is_file():
+        known += [json.loads(line) for line in args.from_json.read_text().splitlines() if line.strip()]
+    for spec in args.fuse:
+        name, _, parts = spec.partition("=")
+        for data in sets:
+            by_name = {r["candidate"]: r for r in known if r["set"] == set_label(data.name, per_set)}
+            missing = [p for p in parts.split("+") if p not in by_name]
+            if missing:
+                print(f"{name} on {data.name}: no rows for {missing}; run those candidates first", flush=True)
+                continue
+            row = fuse_rows(name, [by_name[p] for p in parts.split("+")], len(data.split.test_good))
             rows.append(row)
             print(markdown_row(row), flush=True)
             if args.json:

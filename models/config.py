@@ -16,6 +16,7 @@ ThresholdAggregate = Literal["mean", "max", "median"]
 LayerWeighting = Literal["none", "channels", "l2"]
 ScoreAggregate = Literal["max", "mean"]
 ThresholdRule = Literal["fold_max", "percentile", "gpd"]
+Augment = Literal["none", "flips", "dihedral"]
 
 #: Layers tapped by default for each backbone (mid-level features, as in PatchCore).
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
@@ -79,6 +80,7 @@ class PatchCoreConfig:
     tiles: int = 1  # tiles per side: the image is resized to a canvas of about tiles x image_size and cut
     tile_overlap: float = 0.0  # fraction of a tile that neighbouring tiles share (rounded to patch cells)
     layer_weighting: LayerWeighting = "none"  # how tapped layers are balanced (models.embedding.weigh_layer)
+    augment: Augment = "none"  # extra bank copies of the training images (models.augment); only for symmetric products
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # --- ReConPatch (models/reconpatch.py): a trained linear modulation of the patch features (opt-in) ---
     reconpatch: bool = False
@@ -122,6 +124,10 @@ class PatchCoreConfig:
         _check(
             self.layer_weighting in ("none", "channels", "l2"),
             f"layer_weighting={self.layer_weighting!r} must be 'none', 'channels' or 'l2'",
+        )
+        _check(
+            self.augment in ("none", "flips", "dihedral"),
+            f"augment={self.augment!r} must be 'none', 'flips' (mirror images) or 'dihedral' (flips and 90° turns)",
         )
         _check(self.folds >= 2, f"folds={self.folds} must be at least 2 (each fold needs a validation part)")
         _check(

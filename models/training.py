@@ -21,6 +21,7 @@ import torch
 from sklearn.model_selection import KFold
 
 from models.artifacts import sha256_file
+from models.augment import augmented_batches, copies_per_image
 from models.config import PatchCoreConfig
 from models.coreset import coreset_size, greedy_coreset
 from models.ensemble import FitReport, Fold, FoldEnsemble, ImageSource, Progress, TrainingImage
@@ -36,7 +37,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FeatureSet:
-    """Patch features of nominal images, sorted by id, float16 (n_images, n_patches, embed_dim)."""
+    """Patch features of nominal images, sorted by id, float16 (n_images, n_patches, embed_dim).
+
+    ``augmented`` holds the bank-only copies of :mod:`models.augment` (n_images, copies, n_patches, embed_dim),
+    row for row with ``features``; None without augmentation.
+    """
 
     ids: list[str]
     sha256: list[str]
@@ -44,6 +49,7 @@ class FeatureSet:
     grid: tuple[int, int]
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    augmented: np.ndarray | None = None
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """Row indices of ``ids`` (joined by id, never by position)."""
@@ -55,6 +61,13 @@ class FeatureSet:
         directory.mkdir(parents=True, exist_ok=True)
         array_path, meta_path = directory / f"{name}.npy", directory / f"{name}.json"
         np.save(array_path, self.features, allow_pickle=False)
+        written = [array_path, meta_path]
+        augmented_sha256 = None
+        if self.augmented is not None:
+            augmented_path = directory / f"{name}-augmented.npy"
+            np.save(augmented_path, self.augmented, allow_pickle=False)
+            augmented_sha256 = sha256_file(augmented_path)
+            written.append(augmented_path)
         meta = {
             "ids": self.ids,
             "sha256": self.sha256,
@@ -62,9 +75,10 @@ class FeatureSet:
             "skipped": self.skipped,
             "seconds": self.seconds,
             "features_sha256": sha256_file(array_path),
+            "augmented_sha256": augmented_sha256,
         }
         meta_path.write_text(json.dumps(meta), encoding="utf-8")
-        return [array_path, meta_path]
+        return written
 
     @classmethod
     def load(cls, directory: Path, name: str = "features") -> FeatureSet:
@@ -73,7 +87,15 @@ class FeatureSet:
         if sha256_file(array_path) != meta["features_sha256"]:
             raise ArtifactError(f"{array_path} does not match the hash recorded in {meta_path}")
         features = np.load(array_path, allow_pickle=False)
-        return cls(meta["ids"], meta["sha256"], features, tuple(meta["grid"]), meta["skipped"], meta["seconds"])
+        augmented = None
+        if meta.get("augmented_sha256"):
+            augmented_path = directory / f"{name}-augmented.npy"
+            if sha256_file(augmented_path) != meta["augmented_sha256"]:
+                raise ArtifactError(f"{augmented_path} does not match the hash recorded in {meta_path}")
+            augmented = np.load(augmented_path, allow_pickle=False)
+        return cls(
+            meta["ids"], meta["sha256"], features, tuple(meta["grid"]), meta["skipped"], meta["seconds"], augmented
+        )
 
     @classmethod
     def concatenate(cls, parts: Sequence[FeatureSet]) -> FeatureSet:
@@ -89,6 +111,9 @@ class FeatureSet:
             raise ConfigError("an image id appears in more than one feature chunk")
         order = np.argsort(np.array(ids, dtype=object), kind="stable")
         features = np.concatenate([p.features for p in parts])[order]
+        if len({p.augmented is None for p in parts}) != 1:
+            raise ConfigError("feature chunks disagree on augmentation: some carry augmented copies, some not")
+        augmented = None if parts[0].augmented is None else np.concatenate([p.augmented for p in parts])[order]
         hashes = [h for p in parts for h in p.sha256]
         return cls(
             ids=[ids[i] for i in order],
@@ -97,6 +122,7 @@ class FeatureSet:
             grid=parts[0].grid,
             skipped=sorted((s for p in parts for s in p.skipped), key=lambda s: s["id"]),
             seconds=sum(p.seconds for p in parts),
+            augmented=augmented,
         )
 
 
@@ -112,8 +138,8 @@ def extract_features(
     """Stream images through the backbone in batches into one float16 array.
 
     Only one batch of decoded images is alive at a time and features are stored as float16, so memory
-    grows by ``n_patches · embed_dim · 2`` bytes per image and nothing else. Unreadable images are left out
-    and listed in ``skipped``; training on the rest continues.
+    grows by ``n_patches · embed_dim · 2`` bytes per image (times ``1 + copies`` with ``config.augment``) and
+    nothing else. Unreadable images are left out and listed in ``skipped``; training on the rest continues.
     """
     if len(ids) != len(sources):
         raise ConfigError(f"got {len(ids)} ids but {len(sources)} images")
@@ -127,6 +153,8 @@ def extract_features(
     hashes: list[str] = []
     skipped: list[dict[str, str]] = []
     store: np.ndarray | None = None
+    augmented: np.ndarray | None = None
+    copies = copies_per_image(config.augment)
     grid = (0, 0)
     for begin in range(0, len(ordered), config.batch_size):
         batch_ids, batch_images = [], []
@@ -142,17 +170,26 @@ def extract_features(
             batch_images.append(image)
             hashes.append(hashlib.sha256(data).hexdigest())
         if batch_ids:
-            embedded = extractor.embed(batch_images)
+            canvases = extractor.preprocess(batch_images)
+            embedded = extractor.embed_batch(canvases)
             n, height, width, dim = embedded.shape
             if store is None:
                 grid = (height, width)
                 store = np.empty((len(ordered), height * width, dim), dtype=np.float16)
+                if copies:
+                    augmented = np.empty((len(ordered), copies, height * width, dim), dtype=np.float16)
             store[len(kept) : len(kept) + n] = embedded.reshape(n, height * width, dim).numpy()
+            if augmented is not None:
+                for copy, batch in enumerate(augmented_batches(canvases, config.augment)):
+                    copied = extractor.embed_batch(batch).reshape(n, height * width, dim).numpy()
+                    augmented[len(kept) : len(kept) + n, copy] = copied
             kept.extend(batch_ids)
         if progress:
             progress("features", min(begin + config.batch_size, len(ordered)), len(ordered))
     features = store[: len(kept)] if store is not None else np.empty((0, 0, 0), dtype=np.float16)
-    return FeatureSet(kept, hashes, features, grid, skipped, time.perf_counter() - started)
+    if augmented is not None:
+        augmented = augmented[: len(kept)]
+    return FeatureSet(kept, hashes, features, grid, skipped, time.perf_counter() - started, augmented)
 
 
 def plan_folds(ids: Sequence[str], config: PatchCoreConfig) -> list[tuple[list[str], list[str]]]:
@@ -175,13 +212,18 @@ def build_fold(
 ) -> Fold:
     """Fold ``index``: coreset bank from its train part, threshold = max score over its validation part.
 
-    With a ReConPatch ``representation`` the fold works on its f's output instead of the raw features.
+    With a ReConPatch ``representation`` the fold works on its f's output instead of the raw features. The
+    augmented copies of the train part (``config.augment``) join the coreset's candidates; validation images
+    are scored as they are.
     """
     train_ids, validation_ids = plan_folds(features.ids, config)[index]
     if representation is not None:
         features = transform_features(features, representation, index)
     started = time.perf_counter()
-    patches = features.features[features.rows(train_ids)]
+    train_rows = features.rows(train_ids)
+    patches = features.features[train_rows]
+    if features.augmented is not None:
+        patches = np.concatenate([patches[:, None], features.augmented[train_rows]], axis=1)
     patches = torch.from_numpy(patches.reshape(-1, patches.shape[-1]).astype(np.float32))
     generator = torch.Generator().manual_seed(config.seed * 1_000 + index)
     selected = greedy_coreset(
@@ -266,7 +308,12 @@ def train_representation(
 def transform_features(features: FeatureSet, representation: PatchRepresentation, fold: int) -> FeatureSet:
     """The set in fold ``fold``'s ReConPatch feature space (float16, like the raw set)."""
     transformed = representation.transform(features.features, fold).astype(np.float16)
-    return FeatureSet(features.ids, features.sha256, transformed, features.grid, features.skipped, features.seconds)
+    augmented = None
+    if features.augmented is not None:
+        augmented = representation.transform(features.augmented, fold).astype(np.float16)
+    return FeatureSet(
+        features.ids, features.sha256, transformed, features.grid, features.skipped, features.seconds, augmented
+    )
 
 
 def _read_source(source: ImageSource) -> bytes:

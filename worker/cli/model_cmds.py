@@ -65,6 +65,7 @@ OPTION_OF_FIELD = {
     "tiles": "--tiles",
     "tile_overlap": "--tile-overlap",
     "layer_weighting": "--layer-weighting",
+    "augment": "--augment",
     "reweight_neighbours": "--reweight-neighbours",
     "preset": "--preset",
 }
@@ -87,6 +88,7 @@ def model_config(
     tiles: int | None = None,
     tile_overlap: float | None = None,
     layer_weighting: str | None = None,
+    augment: str | None = None,
     reweight_neighbours: int | None = None,
     reconpatch: bool | None = None,
 ) -> PatchCoreConfig:
@@ -111,6 +113,7 @@ def model_config(
         "tiles": tiles,
         "tile_overlap": tile_overlap,
         "layer_weighting": layer_weighting,
+        "augment": augment,
         "reweight_neighbours": reweight_neighbours,
         "reconpatch": reconpatch or None,
     }
@@ -160,6 +163,12 @@ FalseAlarmOpt = typer.Option(
 TilesOpt = typer.Option(None, "--tiles", help="Tiles per side for large images with small defects (default: 1).")
 OverlapOpt = typer.Option(None, "--tile-overlap", help="Share of a tile its neighbours overlap, [0, 0.5] (default: 0).")
 WeightingOpt = typer.Option(None, "--layer-weighting", help="none, channels or l2 (default: none).")
+AugmentOpt = typer.Option(
+    None,
+    "--augment",
+    help="Add mirrored (flips) or mirrored and turned (dihedral) copies of the good images to the banks; only "
+    "for products that look the same that way (default: none).",
+)
 ReweightOpt = typer.Option(
     None, "--reweight-neighbours", help=f"Eq. 7 neighbourhood b, >= 2 (default: {_DEFAULTS.reweight_neighbours})."
 )
@@ -277,6 +286,7 @@ def train(
     tiles: int | None = TilesOpt,
     tile_overlap: float | None = OverlapOpt,
     layer_weighting: str | None = WeightingOpt,
+    augment: str | None = AugmentOpt,
     reweight_neighbours: int | None = ReweightOpt,
     device: str = DeviceOpt,
     reconpatch: bool = typer.Option(
@@ -300,6 +310,7 @@ def train(
         tiles=tiles,
         tile_overlap=tile_overlap,
         layer_weighting=layer_weighting,
+        augment=augment,
         reweight_neighbours=reweight_neighbours,
         reconpatch=reconpatch,
     )
@@ -530,6 +541,7 @@ def dacon(
     tiles: int | None = TilesOpt,
     tile_overlap: float | None = OverlapOpt,
     layer_weighting: str | None = WeightingOpt,
+    augment: str | None = AugmentOpt,
     reweight_neighbours: int | None = ReweightOpt,
     device: str = DeviceOpt,
 ) -> None:
@@ -557,6 +569,7 @@ def dacon(
         tiles=tiles,
         tile_overlap=tile_overlap,
         layer_weighting=layer_weighting,
+        augment=augment,
         reweight_neighbours=reweight_neighbours,
     )
     device = check_device(device)
