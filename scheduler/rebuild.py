@@ -596,6 +596,8 @@ def load_features(store: ObjectStore, plan: BuildPlan, folder: Path) -> FeatureS
         name = f"chunk_{index:04d}"
         for suffix in (".npy", ".json"):
             _download(store, f"{plan.work_prefix}{name}{suffix}", folder / f"{name}{suffix}")
+        if json.loads((folder / f"{name}.json").read_text(encoding="utf-8")).get("augmented_sha256"):
+            _download(store, f"{plan.work_prefix}{name}-augmented.npy", folder / f"{name}-augmented.npy")
         parts.append(FeatureSet.load(folder, name))
     return FeatureSet.concatenate(parts)
 

@@ -444,3 +444,42 @@ def test_chunked_reconpatch_build_equals_the_one_process_build(
     assert finished.ensemble.fold_thresholds == direct.fold_thresholds
     manifest = store.get(f"models/{finished.version}/manifest.json", max_bytes=1 << 24).data
     assert b"reconpatch_1.safetensors" in manifest
+
+
+def test_chunked_build_with_augmented_copies_equals_the_one_process_build(
+    session_factory: sessionmaker[Session], store: FolderStore, tmp_path: Path
+) -> None:
+    """The chunks carry their mirrored copies through the bucket, so the banks see them as in one process."""
+    from bench.magnetic_tile import DATASETS
+    from models import FoldEnsemble, PatchCoreConfig
+    from scheduler.rebuild import build_fold_bank, extract_chunk, finish_build
+
+    folder = DATASETS / "dacon-semiconductor" / "train"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present on this machine (set WAFERWATCH_DATASETS)")
+    config = PatchCoreConfig(folds=2, coreset_ratio=0.02, batch_size=4, augment="flips")
+    keys = [f"nominal/TRAIN_{i:03d}.png" for i in range(8)]
+    for key in keys:
+        store.put(key, (folder / key.removeprefix("nominal/")).read_bytes())
+    plan = BuildPlan(
+        build_id="build-aug",
+        trigger="manual",
+        config=config.to_dict(),
+        keys=keys,
+        etags=["e"] * len(keys),
+        chunks=plan_chunks(keys, 3),
+        fingerprint="f",
+        snapshot_at=utcnow().isoformat(),
+        work_prefix="models/build-aug/work/",
+        model_prefix="models/",
+    )
+    for index in range(len(plan.chunks)):
+        extract_chunk(store, plan, index, device="cpu", max_object_bytes=1 << 30)
+    for index in range(config.folds):
+        build_fold_bank(store, plan, index)
+    finished = finish_build(store, session_factory, plan, cache_dir=tmp_path / "cache", device="cpu")
+    direct = FoldEnsemble.fit(
+        keys, [(folder / k.removeprefix("nominal/")).read_bytes() for k in keys], config, device="cpu"
+    )
+    assert finished.version == direct.version
+    assert [f.bank.n_entries for f in finished.ensemble.folds] == [f.bank.n_entries for f in direct.folds]
