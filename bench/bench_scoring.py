@@ -101,6 +101,9 @@ def main() -> None:
     print(f"  of which 5 folds (k-NN, eq. 7, maps)       : {folds / args.batch * 1000:6.2f} ms/image")
     print(f"images/s (ensemble)   : {args.batch / e:8.1f}")
     print(f"ratio ensemble/backbone: {e / b:.3f}  (target <= 1.15)")
+    if device.type == "cuda":  # bf16 autocast on CUDA (models.backbones)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        print(f"peak GPU memory       : {peak:8.0f} MiB ({torch.cuda.get_device_name(device)}, bf16 autocast)")
 
 
 if __name__ == "__main__":
