@@ -15,11 +15,11 @@ greedy coreset; the returned indices always point into the full-dimension featur
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
+
+from models.threads import one_torch_thread
 
 #: Relative slack on every pruning test, so float rounding can never prune a point that must be measured.
 _SLACK = 1.0 + 1e-4
@@ -64,25 +64,11 @@ def greedy_coreset(
         raise ValueError(f"n_select={n_select} must be between 1 and the number of points ({n_points})")
     points = random_projection(features, projection_dim, generator=generator).contiguous()
     start = int(torch.randint(n_points, (1,), generator=generator).item())
-    with _one_thread():
+    # Each pick is a dozen operations on vectors of a few ten thousand floats. Measured (44,492 Lite0 patches
+    # of magnetic tile, 1,000 picks, side by side on the 2-core dev machine under load): 3.7 s on one thread,
+    # 8.5 s on two. Every operation is row-wise, so the selection is the same on any thread count.
+    with one_torch_thread():
         return greedy_kcenter(points, n_select, start=start)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the greedy loop on one intra-op thread.
-
-    Each pick is a dozen operations on vectors of a few ten thousand floats: too small to split, so a
-    second thread only adds hand-offs. Measured (44,492 Lite0 patches of magnetic tile, 1,000 picks, side
-    by side on the 2-core dev machine under load): 3.7 s on one thread, 8.5 s on two. Every operation is
-    row-wise, so the selection is the same on any thread count.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def greedy_kcenter(points: torch.Tensor, n_select: int, *, start: int = 0) -> torch.Tensor:

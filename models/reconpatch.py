@@ -35,6 +35,7 @@ from torch import nn
 
 from models.config import PatchCoreConfig
 from models.errors import ArtifactError, ConfigError
+from models.threads import one_torch_thread
 
 logger = logging.getLogger(__name__)
 
@@ -178,12 +179,8 @@ def _deterministic(device: torch.device) -> Iterator[None]:
     the machine's core count.
     """
     if device.type != "cuda":
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_torch_thread():
             yield
-        finally:
-            torch.set_num_threads(threads)
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     before = torch.are_deterministic_algorithms_enabled()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import faiss
 import torch
 
-__all__ = ["set_cpu_threads"]
+__all__ = ["one_torch_thread", "set_cpu_threads"]
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -21,3 +24,18 @@ def set_cpu_threads(threads: int) -> None:
         raise ValueError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run a loop of many small torch operations on one intra-op thread, then restore the thread count.
+
+    Operations on a few thousand to a few ten thousand floats are too small to split: a second thread only
+    adds hand-offs and barrier waits (measured where it is used: the greedy coreset and ReConPatch training).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

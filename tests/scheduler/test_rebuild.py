@@ -406,7 +406,7 @@ def test_chunked_reconpatch_build_equals_the_one_process_build(
     """Chunks → ReConPatch f (one step) → fold banks → finish gives the model FoldEnsemble.fit gives."""
     from bench.magnetic_tile import DATASETS
     from models import FoldEnsemble, PatchCoreConfig
-    from scheduler.rebuild import build_fold_bank, extract_chunk, finish_build, train_representation_step
+    from scheduler.rebuild import build_fold_bank, finish_build, train_representation_step
 
     folder = DATASETS / "dacon-semiconductor" / "train"
     if not folder.is_dir():
@@ -415,22 +415,7 @@ def test_chunked_reconpatch_build_equals_the_one_process_build(
         folds=2, coreset_ratio=0.02, batch_size=4, reconpatch=True, reconpatch_steps=50, reconpatch_batch=128
     )
     keys = [f"nominal/TRAIN_{i:03d}.png" for i in range(10)]
-    for key in keys:
-        store.put(key, (folder / key.removeprefix("nominal/")).read_bytes())
-    plan = BuildPlan(
-        build_id="build-rcp",
-        trigger="manual",
-        config=config.to_dict(),
-        keys=keys,
-        etags=["e"] * len(keys),
-        chunks=plan_chunks(keys, 4),
-        fingerprint="f",
-        snapshot_at=utcnow().isoformat(),
-        work_prefix="models/build-rcp/work/",
-        model_prefix="models/",
-    )
-    for index in range(len(plan.chunks)):
-        extract_chunk(store, plan, index, device="cpu", max_object_bytes=1 << 30)
+    plan = _extracted_plan(store, folder, config, keys, build_id="build-rcp", chunk_size=4)
     assert train_representation_step(store, plan, device="cpu") == 2  # one f per fold
     for index in range(config.folds):
         build_fold_bank(store, plan, index)
@@ -452,29 +437,14 @@ def test_chunked_build_with_augmented_copies_equals_the_one_process_build(
     """The chunks carry their mirrored copies through the bucket, so the banks see them as in one process."""
     from bench.magnetic_tile import DATASETS
     from models import FoldEnsemble, PatchCoreConfig
-    from scheduler.rebuild import build_fold_bank, extract_chunk, finish_build
+    from scheduler.rebuild import build_fold_bank, finish_build
 
     folder = DATASETS / "dacon-semiconductor" / "train"
     if not folder.is_dir():
         pytest.skip(f"{folder} not present on this machine (set WAFERWATCH_DATASETS)")
     config = PatchCoreConfig(folds=2, coreset_ratio=0.02, batch_size=4, augment="flips")
     keys = [f"nominal/TRAIN_{i:03d}.png" for i in range(8)]
-    for key in keys:
-        store.put(key, (folder / key.removeprefix("nominal/")).read_bytes())
-    plan = BuildPlan(
-        build_id="build-aug",
-        trigger="manual",
-        config=config.to_dict(),
-        keys=keys,
-        etags=["e"] * len(keys),
-        chunks=plan_chunks(keys, 3),
-        fingerprint="f",
-        snapshot_at=utcnow().isoformat(),
-        work_prefix="models/build-aug/work/",
-        model_prefix="models/",
-    )
-    for index in range(len(plan.chunks)):
-        extract_chunk(store, plan, index, device="cpu", max_object_bytes=1 << 30)
+    plan = _extracted_plan(store, folder, config, keys, build_id="build-aug", chunk_size=3)
     for index in range(config.folds):
         build_fold_bank(store, plan, index)
     finished = finish_build(store, session_factory, plan, cache_dir=tmp_path / "cache", device="cpu")
@@ -483,3 +453,28 @@ def test_chunked_build_with_augmented_copies_equals_the_one_process_build(
     )
     assert finished.version == direct.version
     assert [f.bank.n_entries for f in finished.ensemble.folds] == [f.bank.n_entries for f in direct.folds]
+
+
+def _extracted_plan(
+    store: FolderStore, folder: Path, config, keys: list[str], *, build_id: str, chunk_size: int
+) -> BuildPlan:
+    """Upload ``keys`` from ``folder`` as nominal drops, plan a manual build of them and extract every chunk."""
+    from scheduler.rebuild import extract_chunk
+
+    for key in keys:
+        store.put(key, (folder / key.removeprefix("nominal/")).read_bytes())
+    plan = BuildPlan(
+        build_id=build_id,
+        trigger="manual",
+        config=config.to_dict(),
+        keys=keys,
+        etags=["e"] * len(keys),
+        chunks=plan_chunks(keys, chunk_size),
+        fingerprint="f",
+        snapshot_at=utcnow().isoformat(),
+        work_prefix=f"models/{build_id}/work/",
+        model_prefix="models/",
+    )
+    for index in range(len(plan.chunks)):
+        extract_chunk(store, plan, index, device="cpu", max_object_bytes=1 << 30)
+    return plan
