@@ -40,7 +40,7 @@ from models.ensemble import FoldEnsemble, ensemble_threshold
 from models.evaluation import image_metrics, pixel_auroc
 from models.features import PatchFeatureExtractor
 from models.images import load_image_file
-from models.training import FeatureSet, assemble_ensemble, build_fold, extract_features
+from models.training import FeatureSet, assemble_ensemble, build_folds, extract_features
 
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "bench-cache" / "quality"
 
@@ -174,7 +174,7 @@ def load_masks(refs: list[ImageRef], masks: dict[str, Path], size: int) -> list[
 def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, quick: bool) -> dict[str, Any]:
     train, test, test_ids, extract_s, test_s = cached_features(config, data, quick)
     started = time.perf_counter()
-    folds = [build_fold(train, index, config) for index in range(config.folds)]
+    folds = build_folds(train, config)
     ensemble: FoldEnsemble = assemble_ensemble(config, train, folds)
     fold_s = time.perf_counter() - started
     split = data.split

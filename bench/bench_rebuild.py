@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.magnetic_tile import DATASETS
 from models import FoldEnsemble, PatchCoreConfig
-from models.training import assemble_ensemble, build_fold, extract_features
+from models.training import assemble_ensemble, build_folds, extract_features
 from scheduler.rebuild import held_out
 from scheduler.tasks import start_rebuild
 from worker import repository
@@ -51,11 +51,9 @@ def single_process(paths: list[Path], keys: list[str], config: PatchCoreConfig, 
     begin = time.perf_counter()
     features = extract_features(keys, paths, config, device="cpu")
     seconds["extract"] = time.perf_counter() - begin
-    folds = []
-    for index in range(config.folds):
-        begin = time.perf_counter()
-        folds.append(build_fold(features, index, config))
-        seconds[f"fold_{index}"] = time.perf_counter() - begin
+    begin = time.perf_counter()
+    folds = build_folds(features, config)
+    seconds["folds"] = time.perf_counter() - begin
     begin = time.perf_counter()
     ensemble = assemble_ensemble(config, features, folds, device="cpu")
     ensemble.save(out)

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--layers", default=None)
     parser.add_argument("--align", default=PatchCoreConfig().align)
     parser.add_argument("--coreset-ratio", type=float, default=PatchCoreConfig().coreset_ratio)
+    parser.add_argument("--coreset-scope", default=PatchCoreConfig().coreset_scope, choices=("fold", "part"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
@@ -42,6 +43,7 @@ def main() -> None:
         weights_path=args.weights,
         align=args.align,
         coreset_ratio=args.coreset_ratio,
+        coreset_scope=args.coreset_scope,
         batch_size=args.batch,
     )
     ensemble = cached_dacon_model(config, device=args.device)

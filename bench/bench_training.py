@@ -22,7 +22,7 @@ from bench.common import dacon_train
 from models import PatchCoreConfig
 from models.coreset import coreset_size, covering_radius, greedy_coreset
 from models.features import PatchFeatureExtractor
-from models.training import assemble_ensemble, build_fold, extract_features, plan_folds
+from models.training import assemble_ensemble, build_folds, extract_features, plan_folds
 
 
 def straightforward_greedy(points: torch.Tensor, n_select: int, start: int) -> torch.Tensor:
@@ -40,6 +40,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-naive", action="store_true", help="skip the (slow) baseline coreset")
     parser.add_argument("--align", default=PatchCoreConfig().align, help="finest: the 28×28 PatchCore grid")
+    parser.add_argument(
+        "--compare",
+        default="fold:0.01,part:0.05,part:0.10",
+        help="other 'scope:ratio' fold builds timed on the same features, side by side ('' for none)",
+    )
     args = parser.parse_args()
     config = PatchCoreConfig(align=args.align)
     refs = dacon_train()
@@ -49,20 +54,27 @@ def main() -> None:
     started = time.perf_counter()
     features = extract_features(ids, paths, config, extractor=extractor)
     features_s = time.perf_counter() - started
-    fold_s = []
-    folds = []
-    for index in range(config.folds):
-        started = time.perf_counter()
-        folds.append(build_fold(features, index, config))
-        fold_s.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    folds = build_folds(features, config)
+    folds_s = time.perf_counter() - started
     ensemble = assemble_ensemble(config, features, folds, extractor=extractor)
-    total_s = features_s + sum(fold_s)
+    total_s = features_s + folds_s
     print(
         f"{len(ids)} Dacon training images, {config.backbone}, {config.image_size}px, grid {features.grid}, "
-        f"ratio {config.coreset_ratio}"
+        f"coreset {config.coreset_scope} {config.coreset_ratio}"
     )
-    print(f"features: {features_s:.1f}s; folds: {', '.join(f'{s:.1f}s' for s in fold_s)}; total {total_s:.1f}s")
+    print(f"features: {features_s:.1f}s; folds: {folds_s:.1f}s; total {total_s:.1f}s")
     print(f"ratio training/features: {total_s / features_s:.2f}  (target <= 3); model {ensemble.version}")
+    for item in filter(None, args.compare.split(",")):
+        scope, _, ratio = item.partition(":")
+        other = config.replace(coreset_scope=scope, coreset_ratio=float(ratio))
+        started = time.perf_counter()
+        other_folds = build_folds(features, other)
+        other_s = time.perf_counter() - started
+        print(
+            f"  coreset {scope:4} {float(ratio):.2f}: folds {other_s:6.1f}s ({other_s / folds_s:.2f}× the default's), "
+            f"bank {other_folds[0].bank.n_entries}, training/features {(features_s + other_s) / features_s:.2f}"
+        )
 
     train_ids, _ = plan_folds(features.ids, config)[0]
     patches = features.features[features.rows(train_ids)]

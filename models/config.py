@@ -17,6 +17,7 @@ LayerWeighting = Literal["none", "channels", "l2"]
 ScoreAggregate = Literal["max", "mean"]
 ThresholdRule = Literal["fold_max", "percentile", "gpd"]
 Augment = Literal["none", "flips", "dihedral"]
+CoresetScope = Literal["fold", "part"]
 
 #: Layers tapped by default for each backbone (mid-level features, as in PatchCore).
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
@@ -65,6 +66,10 @@ class PatchCoreConfig:
     target_dim: int | None = None  # None → DEFAULT_TARGET_DIM[backbone]; 0 → keep the concatenated channels
     coreset_ratio: float = 0.01
     coreset_projection_dim: int = 128  # random projection for features wider than 2× this; 0 = never
+    # "fold": one greedy coreset over each fold's train images (the original recipe); "part": one over each of
+    # the folds' disjoint validation parts, a fold's bank being the union of the other parts' coresets, so
+    # every patch is in one coreset search instead of four (models.training.part_coresets).
+    coreset_scope: CoresetScope = "fold"
     k: int = 1  # nearest bank entries averaged into a patch score (bench_quality: 1 beats 3 and 5 on both sets)
     reweight: bool = True  # PatchCore eq. 7
     reweight_neighbours: int = 9  # eq. 7's b: bank neighbourhood of m* the weight is a softmax over (anomalib: 9)
@@ -112,6 +117,10 @@ class PatchCoreConfig:
         _check(self.align in ("finest", "coarsest"), f"align={self.align!r} must be 'finest' or 'coarsest'")
         _check(self.target_dim >= 0, f"target_dim={self.target_dim} must be >= 0 (0 keeps every channel)")
         _check(0.0 < self.coreset_ratio <= 1.0, f"coreset_ratio={self.coreset_ratio} must be in (0, 1]")
+        _check(
+            self.coreset_scope in ("fold", "part"),
+            f"coreset_scope={self.coreset_scope!r} must be 'fold' (a coreset per fold) or 'part' (per disjoint part)",
+        )
         _check(self.coreset_projection_dim >= 0, "coreset_projection_dim must be >= 0 (0: never project)")
         _check(self.k >= 1, f"k={self.k} must be >= 1")
         _check(
@@ -178,6 +187,7 @@ class PatchCoreConfig:
         # Models saved before eq. 7 had its own neighbourhood took it from k: keep scoring them the same.
         values.setdefault("reweight_neighbours", max(2, int(values.get("k", 5))))
         values.setdefault("threshold_rule", "fold_max")
+        values.setdefault("coreset_scope", "fold")  # models saved before the per-part coreset
         if "layers" in values:
             values["layers"] = tuple(values["layers"])
         return cls(**values)
@@ -209,6 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "align": "finest",
         "target_dim": 1024,
         "coreset_ratio": 0.1,
+        "coreset_scope": "fold",
         "k": 5,
         "reweight": True,
         "reweight_neighbours": 5,

@@ -112,16 +112,17 @@ class FoldEnsemble:
     ) -> FoldEnsemble:
         """Fit on nominal images. ``ids`` must be unique; ``sources`` are joined to them by position here
         and by id everywhere after (the order of the inputs does not change the result)."""
-        from models.training import assemble_ensemble, build_fold, extract_features, train_representation
+        from models.training import assemble_ensemble, build_folds, extract_features, train_representation
 
         extractor = PatchFeatureExtractor(config, device=device)
         features = extract_features(ids, sources, config, extractor=extractor, progress=progress)
         representation = train_representation(features, config, device=device, progress=progress)  # ReConPatch
-        folds = []
-        for index in range(config.folds):
-            folds.append(build_fold(features, index, config, representation))
-            if progress:
-                progress("folds", index + 1, config.folds)
+        folds = build_folds(
+            features,
+            config,
+            representation,
+            progress=(lambda done: progress("folds", done, config.folds)) if progress else None,
+        )
         return assemble_ensemble(
             config, features, folds, extractor=extractor, device=device, representation=representation
         )

@@ -57,6 +57,7 @@ OPTION_OF_FIELD = {
     "image_size": "--image-size",
     "folds": "--folds",
     "coreset_ratio": "--coreset-ratio",
+    "coreset_scope": "--coreset-scope",
     "k": "--k",
     "seed": "--seed",
     "batch_size": "--batch-size",
@@ -79,6 +80,7 @@ def model_config(
     image_size: int | None = None,
     folds: int | None = None,
     coreset_ratio: float | None = None,
+    coreset_scope: str | None = None,
     k: int | None = None,
     seed: int | None = None,
     batch_size: int | None = None,
@@ -105,6 +107,7 @@ def model_config(
         "image_size": image_size,
         "folds": folds,
         "coreset_ratio": coreset_ratio,
+        "coreset_scope": coreset_scope,
         "k": k,
         "seed": seed,
         "batch_size": batch_size,
@@ -138,6 +141,13 @@ SizeOpt = typer.Option(None, "--image-size", help=f"Input size in pixels (defaul
 FoldsOpt = typer.Option(None, "--folds", help=f"Folds of the ensemble, at least 2 (default: {_DEFAULTS.folds}).")
 RatioOpt = typer.Option(
     None, "--coreset-ratio", help=f"Fraction of patches kept in each bank, (0, 1] (default: {_DEFAULTS.coreset_ratio})."
+)
+ScopeOpt = typer.Option(
+    None,
+    "--coreset-scope",
+    help="part: one coreset per fold part, each fold's bank the union of the other parts' (16x less work); "
+    f"fold: one coreset per fold, as in the original recipe (default: {_DEFAULTS.coreset_scope}).",
+    show_default=False,
 )
 KOpt = typer.Option(None, "--k", help=f"Nearest neighbours per patch score (default: {_DEFAULTS.k}).")
 SeedOpt = typer.Option(None, "--seed", help=f"Seed of the fold split and coresets (default: {_DEFAULTS.seed}).")
@@ -277,6 +287,7 @@ def train(
     image_size: int | None = SizeOpt,
     folds: int | None = FoldsOpt,
     coreset_ratio: float | None = RatioOpt,
+    coreset_scope: str | None = ScopeOpt,
     k: int | None = KOpt,
     seed: int | None = SeedOpt,
     batch_size: int | None = BatchOpt,
@@ -301,6 +312,7 @@ def train(
         image_size=image_size,
         folds=folds,
         coreset_ratio=coreset_ratio,
+        coreset_scope=coreset_scope,
         k=k,
         seed=seed,
         batch_size=batch_size,
@@ -532,6 +544,7 @@ def dacon(
     image_size: int | None = SizeOpt,
     folds: int | None = FoldsOpt,
     coreset_ratio: float | None = RatioOpt,
+    coreset_scope: str | None = ScopeOpt,
     k: int | None = KOpt,
     seed: int | None = SeedOpt,
     batch_size: int | None = BatchOpt,
@@ -560,6 +573,7 @@ def dacon(
         image_size=image_size,
         folds=folds,
         coreset_ratio=coreset_ratio,
+        coreset_scope=coreset_scope,
         k=k,
         seed=seed,
         batch_size=batch_size,
