@@ -1,9 +1,10 @@
-"""Training cost: the 5-fold ensemble on the 213 Dacon training images vs feature extraction alone, and
-the pruned greedy coreset vs a straightforward greedy loop at a 1% ratio (time and covering radius).
+"""Training cost: the 5-fold ensemble on the 213 Dacon training images vs feature extraction alone, the
+other coreset scopes and ratios timed side by side on the same features (``--compare``), and the pruned
+greedy coreset vs a straightforward greedy loop at a 1% ratio (time and covering radius).
 
 Targets: training ÷ features ≤ 3; coreset speed-up ≥ 10× with covering radius within 5%.
 
-    python bench/bench_training.py [--skip-naive]
+    python bench/bench_training.py [--skip-naive] [--compare fold:0.05,part:0.10]
 """
 
 from __future__ import annotations
