@@ -382,7 +382,12 @@ def test_a_rebuild_of_an_unchanged_pool_leaves_the_history_intact_and_adds_an_ev
     assert cluster.history(held_id) == [*before_history, ("rebuilt", "scheduler")]
     assert rebuilt.details["build"]["build_id"] == build_id and rebuilt.details["build"]["trigger"] == "manual"
     assert cluster.versions() == before  # the build row is gone, nothing else changed
-    assert not list(cluster.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"models/{build_id}/").get("Contents", []))
+    # The work files are removed just after the commit that writes the event (finish_build): wait for them.
+    cleanup_deadline = time.monotonic() + 120
+    while list(cluster.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"models/{build_id}/").get("Contents", [])):
+        if time.monotonic() > cleanup_deadline:
+            pytest.fail(f"models/{build_id}/ still holds work files 120 s after the rebuilt event")
+        time.sleep(0.5)
 
 
 def test_a_manual_promote_over_a_failed_gate_records_the_override_and_rollback_restores(cluster: Cluster) -> None:
