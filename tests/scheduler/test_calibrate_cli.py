@@ -21,10 +21,12 @@ from pathlib import Path
 import boto3
 import pytest
 from PIL import Image as PILImage
+from sqlalchemy.orm import Session, sessionmaker
 
-from models import FoldEnsemble, decode_image
+from models import FoldEnsemble, PatchCoreConfig, decode_image
 from models.calibration import f1_optimal_threshold
 from models.datasets import read_image_csv
+from scheduler.rebuild import build_config
 from worker import repository
 from worker.db import make_engine, make_session_factory, session_scope, upgrade_database
 from worker.schema import Label, ModelVersion, utcnow
@@ -167,3 +169,13 @@ def test_calibrate_refits_the_threshold_as_a_new_candidate_and_refuses_too_few_l
     assert promoted.returncode == 0, promoted.stderr
     with session_scope(factory) as session:
         assert session.get(ModelVersion, new).status == "active"
+
+
+def test_a_rebuild_after_calibration_goes_back_to_the_nominal_rule(session_factory: sessionmaker[Session]) -> None:
+    calibrated = PatchCoreConfig(threshold_rule="labelled", labelled_threshold=3.5, coreset_ratio=0.05)
+    manifest = {"config": calibrated.to_dict(), "calibration": {"base_rule": "percentile", "threshold": 3.5}}
+    with session_scope(session_factory) as session:
+        repository.ensure_model_version(session, version="v-cal", manifest=manifest, status="active")
+    with session_scope(session_factory) as session:
+        config = build_config(session, {})
+    assert (config.threshold_rule, config.labelled_threshold, config.coreset_ratio) == ("percentile", None, 0.05)
