@@ -131,8 +131,10 @@ def _write_ensemble(ensemble: FoldEnsemble, directory: Path) -> None:
     if ensemble.representation is not None:  # ReConPatch: its files are listed and hashed like the banks
         files.update(ensemble.representation.save(directory))
         reconpatch = {"reconpatch": ensemble.representation.describe()}
+    calibration = {"calibration": ensemble.calibration} if ensemble.calibration is not None else {}
     manifest: dict[str, Any] = {
         **reconpatch,
+        **calibration,
         "format_version": FORMAT_VERSION,
         "version": ensemble.version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -282,6 +284,7 @@ def load_ensemble(directory: Path, *, device: str | torch.device | None = "auto"
         grid=(int(manifest["grid"][0]), int(manifest["grid"][1])),
         device=device,
         report=FitReport(seconds=dict(manifest.get("timings_s", {})), skipped=list(manifest.get("skipped_images", []))),
+        calibration=manifest.get("calibration"),
     )
     if ensemble.version != manifest["version"]:
         raise ArtifactError(

@@ -7,6 +7,7 @@ field by field when a model directory is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from models.errors import ConfigError
 ThresholdAggregate = Literal["mean", "max", "median"]
 LayerWeighting = Literal["none", "channels", "l2"]
 ScoreAggregate = Literal["max", "mean"]
-ThresholdRule = Literal["fold_max", "percentile", "gpd"]
+ThresholdRule = Literal["fold_max", "percentile", "gpd", "labelled"]
 Augment = Literal["none", "flips", "dihedral"]
 CoresetScope = Literal["fold", "part"]
 
@@ -78,6 +79,9 @@ class PatchCoreConfig:
     threshold_aggregate: ThresholdAggregate = "mean"  # how fold_max combines the fold maxima
     threshold_rule: ThresholdRule = "gpd"  # models.ensemble.ensemble_threshold (see README: decisions)
     false_alarm_rate: float = 0.05  # target share of nominal images flagged (percentile and gpd rules)
+    # rule "labelled": the threshold refitted on reviewed images (models.calibration, waferwatch models
+    # calibrate); None otherwise, and then left out of to_dict so the versions of other models do not change
+    labelled_threshold: float | None = None
     score_aggregate: ScoreAggregate = "max"
     smoothing_sigma: float = 4.0
     max_image_pixels: int = 64_000_000
@@ -145,8 +149,15 @@ class PatchCoreConfig:
         )
         _check(self.score_aggregate in ("max", "mean"), f"score_aggregate={self.score_aggregate!r}")
         _check(
-            self.threshold_rule in ("fold_max", "percentile", "gpd"),
-            f"threshold_rule={self.threshold_rule!r} must be fold_max, percentile or gpd",
+            self.threshold_rule in ("fold_max", "percentile", "gpd", "labelled"),
+            f"threshold_rule={self.threshold_rule!r} must be fold_max, percentile or gpd "
+            "(labelled only by waferwatch models calibrate)",
+        )
+        has_threshold = self.labelled_threshold is not None and math.isfinite(self.labelled_threshold)
+        _check(
+            (self.threshold_rule == "labelled") == has_threshold and (has_threshold or self.labelled_threshold is None),
+            f"threshold_rule={self.threshold_rule!r} with labelled_threshold={self.labelled_threshold!r}: the rule "
+            "labelled needs a finite labelled_threshold and the other rules none",
         )
         _check(
             0.0 < self.false_alarm_rate < 0.5,
@@ -174,6 +185,8 @@ class PatchCoreConfig:
         """JSON-ready dict (tuples become lists)."""
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers)
+        if data["labelled_threshold"] is None:
+            del data["labelled_threshold"]  # configs from before calibration hash (and version) as they did
         return data
 
     @classmethod

@@ -87,8 +87,10 @@ class FoldEnsemble:
         device: str | torch.device | None = "auto",
         report: FitReport | None = None,
         representation: PatchRepresentation | None = None,
+        calibration: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
+        self.calibration = calibration  # models.calibration's record (rule labelled), saved in the manifest
         self.representation = representation  # ReConPatch f (per fold or shared), None for plain PatchCore
         self.folds = tuple(folds)
         self.training_images = tuple(training_images)
@@ -241,8 +243,11 @@ def ensemble_threshold(folds: Sequence[Fold], config: PatchCoreConfig) -> float:
     (mean by default). The other rules (:mod:`models.thresholds`) are fitted on every training image's
     out-of-fold score: each nominal image is scored once, by the one fold that did not train on it, so the
     fit sees as many honest nominal scores as there are training images instead of one maximum per fold.
-    Models saved without validation scores fall back to ``fold_max``.
+    Models saved without validation scores fall back to ``fold_max``. ``labelled`` is the threshold
+    :mod:`models.calibration` fitted on reviewed good and defective images, stored in the config.
     """
+    if config.threshold_rule == "labelled" and config.labelled_threshold is not None:
+        return float(config.labelled_threshold)  # refitted on reviewed images (models.calibration)
     pooled = [score for fold in folds for score in fold.validation_scores]
     if config.threshold_rule == "fold_max" or not pooled:
         return aggregate_thresholds([fold.threshold for fold in folds], config.threshold_aggregate)

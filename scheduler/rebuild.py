@@ -406,10 +406,19 @@ def _expire_stale_builds(session: Session, lease_s: int) -> list[ModelVersion]:
 
 
 def build_config(session: Session, overrides: Mapping[str, Any]) -> PatchCoreConfig:
-    """The active version's config (same recipe as what is scoring now), or the default, plus overrides."""
+    """The active version's config (same recipe as what is scoring now), or the default, plus overrides.
+
+    A threshold refitted on labels (rule ``labelled``, ``waferwatch models calibrate``) belongs to the
+    banks it was fitted with: a rebuild goes back to the nominal-only rule that version was calibrated
+    from (``base_rule`` of its calibration record), and a person calibrates the new banks again.
+    """
     active = repository.get_active_model_version(session)
-    base = (active.manifest or {}).get("config") if active is not None else None
+    manifest = (active.manifest or {}) if active is not None else {}
+    base = manifest.get("config")
     config = PatchCoreConfig.from_dict(base) if base else PatchCoreConfig()
+    if config.threshold_rule == "labelled":
+        rule = (manifest.get("calibration") or {}).get("base_rule") or PatchCoreConfig().threshold_rule
+        config = config.replace(threshold_rule=rule, labelled_threshold=None)
     return config.replace(**dict(overrides)) if overrides else config
 
 

@@ -288,6 +288,7 @@ def publish_model(
     stage: str | None = None,
     event: str = "registered",
     actor: str = model_events.SCHEDULER,
+    reason: str | None = None,
     details: dict[str, object] | None = None,
 ) -> ModelRef:
     """Upload a model directory to ``<model_prefix><version>/``, register it, and optionally activate it.
@@ -295,7 +296,7 @@ def publish_model(
     The manifest is uploaded last, so a reader never sees a manifest naming files not yet there. ``stage``
     is written in the same transaction as the row, so nobody sees a candidate whose gate has not run as a
     finished one. A new row gets its first history entry, ``event`` (``registered``, or ``built`` for a
-    rebuild) by ``actor``.
+    rebuild) by ``actor``, with ``reason`` (e.g. "calibrated from VERSION").
     """
     manifest = read_manifest(directory)
     version = manifest["version"]
@@ -318,7 +319,12 @@ def publish_model(
             raise ValueError(f"model {version} is already registered at {row.artifact_uri}, not {prefix}")
         if created:
             model_events.record_event(
-                session, version=version, event=event, actor=actor, details={"artifact_uri": prefix, **(details or {})}
+                session,
+                version=version,
+                event=event,
+                actor=actor,
+                reason=reason,
+                details={"artifact_uri": prefix, **(details or {})},
             )
         if stage is not None:
             row.stage = stage

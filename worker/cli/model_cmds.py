@@ -518,7 +518,7 @@ def evaluate(
         **result.as_dict(),
         "threshold": ensemble.threshold,
         "threshold_rule": rule,
-        "target_false_alarm_rate": None if rule == "fold_max" else ensemble.config.false_alarm_rate,
+        "target_false_alarm_rate": None if rule in ("fold_max", "labelled") else ensemble.config.false_alarm_rate,
     }
     if output_format is MetricsFormat.JSON:
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""``waferwatch label | models list|show|register|promote|rollback | pool remove | retrain | beat | rescore``."""
+"""``waferwatch label | models list|show|register|calibrate|promote|rollback | pool remove | retrain | beat |
+rescore``."""
 
 from __future__ import annotations
 
@@ -158,6 +159,48 @@ def register_model_cmd(
             f"[yellow]its {done.training_images} training images are not in the pool:[/yellow] rebuilds refuse to "
             "forget them; register again with --images SOURCE"
         )
+
+
+@models_app.command("calibrate")
+def calibrate_model_cmd(
+    version: str = typer.Argument(..., help="The version whose threshold is refitted (it is not changed)."),
+    min_labels: int | None = typer.Option(
+        None, "--min-labels", min=1, help="Labelled images of each class needed (default: gate_min_labels)."
+    ),
+    author: str | None = AuthorOpt,
+    reason: str | None = typer.Option(None, "--reason", help="Why (kept in the history)."),
+) -> None:
+    """Refit VERSION's threshold on the reviewed images (good + defect labels, F1-optimal) and register the
+    result as a new candidate version (rule 'labelled'); exit 2 when there are too few labels."""
+    from scheduler.calibrate import NotEnoughLabelsError, calibrate_version
+    from worker.app import make_store_from_settings
+
+    settings = get_settings()
+    needed = min_labels if min_labels is not None else settings.gate_min_labels
+    try:
+        done = calibrate_version(
+            make_store_from_settings(settings),
+            _session_factory(settings),
+            version,
+            model_prefix=settings.model_prefix,
+            cache_dir=settings.model_cache_dir,
+            min_labels=needed,
+            author=author or getpass.getuser(),
+            reason=reason,
+            device=settings.device,
+        )
+    except NotEnoughLabelsError as exc:
+        console.print(f"[red]not calibrated:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    c = done.calibration
+    console.print(
+        f"{done.version} {'registered' if done.created else 'already known'} as a candidate, calibrated from "
+        f"{version}: threshold {done.record['old_threshold']:.4f} → {c.threshold:.4f} on {c.n_good} good / "
+        f"{c.n_defect} defect images: F1 {c.f1:.3f}, precision {c.precision:.3f}, recall {c.recall:.3f}, "
+        f"false alarms {c.false_alarm_rate:.3f}",
+        soft_wrap=True,
+    )
+    console.print(f"promote it with: waferwatch models promote {done.version}", soft_wrap=True)
 
 
 @models_app.command("promote")
