@@ -40,7 +40,13 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_images_lease_until", table_name="images")
+    # SQLite rebuilds the table to drop columns; as in 0005, the legacy rename keeps 0002's views valid.
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        op.execute("PRAGMA legacy_alter_table = ON")
     with op.batch_alter_table("images") as batch:
         batch.drop_column("redrives")
         batch.drop_column("lease_until")
         batch.drop_column("claimed_by")
+    if sqlite:
+        op.execute("PRAGMA legacy_alter_table = OFF")
