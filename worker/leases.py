@@ -35,6 +35,7 @@ from worker.db import session_scope
 from worker.schema import Image, utcnow
 
 __all__ = [
+    "REDRIVES_EXHAUSTED",
     "LeaseHeartbeat",
     "RedriveReport",
     "claim",
