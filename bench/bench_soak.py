@@ -5,7 +5,7 @@ Two runs on the same machine, each of ``--images`` images uploaded at once (a ba
 
 * *calm*: no faults, for the reference throughput;
 * *chaos*: ``random.Random(--seed)`` picks, every 20-40 s, one of the two workers and kills (SIGKILL) its
-  Celery main process or its pool child; halfway through the first kills Redis is killed and restarted
+  Celery main process or its pool child; right after the first kill Redis is killed and restarted
   on the same port (with AOF, as docker-compose.yml runs it).
 
 The workers are the product's ``waferwatch worker`` (each a supervisor around one Celery prefork process
@@ -141,7 +141,7 @@ def _chaos(
             os.kill(victim[1], signal.SIGKILL)
             kills += 1
             log.append(f"{time.monotonic() - began:6.1f} s: SIGKILL worker {workers.index(worker)} {victim[0]}")
-        if kills == 2:
+        if kills == 1:  # once, early, so that even a short run sees it
             redis_server.kill()
             time.sleep(1.0)
             redis_server.start()
@@ -240,6 +240,8 @@ def _run(name: str, args: argparse.Namespace, model_dir: Path, payloads: list[by
                 break
             time.sleep(1.0)
         stop_chaos.set()
+        stop_ingest.set()
+        ingest.join(timeout=30)  # before Redis goes: its last enqueue must not meet a dead broker
         with session_scope(session_factory) as session:
             per_image = dict(
                 session.execute(

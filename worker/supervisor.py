@@ -34,7 +34,7 @@ def supervise(
     *,
     backoff_s: float = 1.0,
     backoff_max_s: float = 30.0,
-    healthy_after_s: float = 60.0,
+    healthy_after_s: float = 10.0,
     max_restarts: int | None = None,
 ) -> int:
     """Run ``command`` until it exits 0 or a stop signal arrives, restarting it after a non-zero exit.
