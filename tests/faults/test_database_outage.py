@@ -32,8 +32,6 @@ except ModuleNotFoundError:  # tests/faults became a package
     from tests.faults.processes import PrivatePostgres, PrivateRedis, start_waferwatch, stop_process, wait_log
     from tests.faults.recovery_rig import Rig, make_rig
 
-pytestmark = pytest.mark.timeout(300)
-
 
 @pytest.fixture
 def postgres() -> Iterator[PrivatePostgres]:

@@ -29,8 +29,6 @@ except ModuleNotFoundError:  # tests/faults became a package
     from tests.faults.processes import PrivateRedis, start_waferwatch, stop_process, wait_for, wait_log
     from tests.faults.recovery_rig import Rig, make_rig
 
-pytestmark = pytest.mark.timeout(300)
-
 
 @pytest.fixture
 def black_hole() -> Iterator[str]:
