@@ -7,7 +7,7 @@ STAMP := $(VENV)/.waferwatch-installed
 DATA ?= ../shared/datasets/dacon-semiconductor
 RUN_DIR ?= runs/demo
 
-.PHONY: install run test lint bench clean services browser
+.PHONY: install run test faults lint bench clean services browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ browser:
 
 test: $(STAMP) lint services browser
 	$(PY) -m pytest
+
+# The fault-injection suite with its long variants (the `faults_long` marker, which `make test` skips).
+faults: $(STAMP) services
+	$(PY) -m pytest tests/faults -m "faults_long or not faults_long"
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -5,7 +5,9 @@
 * ``waferwatch.nightly_retrain`` at ``nightly_retrain_time`` in ``nightly_retrain_zone`` (default 02:00
   UTC; fabs schedule in local time, so any IANA zone such as ``Asia/Seoul``, daylight saving included):
   rebuild if the pool changed since the last build;
-* ``waferwatch.reconcile`` every ``reconcile_interval_s`` (default 10 min): the pipeline's bucket scan.
+* ``waferwatch.reconcile`` every ``reconcile_interval_s`` (default 10 min): the pipeline's bucket scan;
+* ``waferwatch.redrive_leases`` every ``redrive_interval_s`` (default 20 s): re-enqueue the images of a
+  worker that died or hung (their lease expired; ``worker/leases.py``).
 
 Periodic messages expire after one period, so a beat that ran while no worker listened does not leave a
 pile of identical checks behind. Several beat processes are harmless: every trigger goes through the
@@ -22,7 +24,7 @@ from zoneinfo import ZoneInfo
 from celery.schedules import crontab
 
 from scheduler.tasks import CHECK_RETRAIN, NIGHTLY_RETRAIN
-from worker.app import INGEST_QUEUE, RECONCILE, TRAIN_QUEUE
+from worker.app import INGEST_QUEUE, RECONCILE, REDRIVE_LEASES, TRAIN_QUEUE
 from worker.settings import Settings
 
 __all__ = ["ZonedCrontab", "schedule"]
@@ -69,5 +71,10 @@ def schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": RECONCILE,
             "schedule": settings.reconcile_interval_s,
             "options": {"queue": INGEST_QUEUE, "expires": settings.reconcile_interval_s},
+        },
+        "redrive-leases": {
+            "task": REDRIVE_LEASES,
+            "schedule": settings.redrive_interval_s,
+            "options": {"queue": INGEST_QUEUE, "expires": settings.redrive_interval_s},
         },
     }

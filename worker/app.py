@@ -42,6 +42,7 @@ __all__ = [
     "INGEST_QUEUE",
     "QUEUES",
     "RECONCILE",
+    "REDRIVE_LEASES",
     "SCORE_BATCH",
     "SCORE_QUEUE",
     "TRAIN_QUEUE",
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_BATCH: Final = "waferwatch.score_batch"
 RECONCILE: Final = "waferwatch.reconcile"
+REDRIVE_LEASES: Final = "waferwatch.redrive_leases"
 SCORE_QUEUE: Final = "score"
 TRAIN_QUEUE: Final = "train"
 INGEST_QUEUE: Final = "ingest"
@@ -164,6 +166,7 @@ def create_app(settings: Settings | None = None, *, set_as_current: bool = True)
         task_routes={
             SCORE_BATCH: {"queue": SCORE_QUEUE},
             RECONCILE: {"queue": INGEST_QUEUE},
+            REDRIVE_LEASES: {"queue": INGEST_QUEUE},
             "waferwatch.train.*": {"queue": TRAIN_QUEUE},
         },
         task_acks_late=True,
@@ -286,6 +289,24 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     pool = str(getattr(sender, "pool_cls", "")).lower()
     if context is not None and ("solo" in pool or "thread" in pool or metrics.multiprocess_mode()):
         metrics.start_metrics_server(context.settings.metrics_port)
+    if context is not None and ("solo" in pool or "thread" in pool):  # prefork enforces the limit itself
+        _install_watchdog(context.settings.task_time_limit_s)
+
+
+def _install_watchdog(time_limit_s: float) -> None:
+    """Watch every task of this process against the hard time limit (``worker.watchdog``)."""
+    from worker.watchdog import TaskWatchdog
+
+    watchdog = TaskWatchdog(time_limit_s)
+
+    def started(task_id: str = "", task: Any = None, **_: Any) -> None:
+        watchdog.task_started(task_id, getattr(task, "name", "?"))
+
+    def finished(task_id: str = "", **_: Any) -> None:
+        watchdog.task_finished(task_id)
+
+    signals.task_prerun.connect(started, weak=False)
+    signals.task_postrun.connect(finished, weak=False)
 
 
 def _connect_signals() -> None:

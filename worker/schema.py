@@ -135,6 +135,12 @@ class Image(Base):
         Index("ix_images_wafer", "wafer"),
         Index("ix_images_tool", "tool"),
         Index("ix_images_first_seen_at", "first_seen_at"),
+        Index(
+            "ix_images_lease_until",
+            "lease_until",
+            postgresql_where=text("lease_until IS NOT NULL"),
+            sqlite_where=text("lease_until IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
@@ -162,6 +168,11 @@ class Image(Base):
     # Status ``superseded``: the object was overwritten before this row was scored; the row of the
     # version that replaced it (no foreign key: image rows are never deleted by the pipeline).
     superseded_by: Mapped[int | None] = mapped_column(BigInteger)
+    # The lease of the worker scoring this row (``worker.leases``, migration 0006_leases): a row still
+    # ``queued`` whose lease expired is re-driven by ``waferwatch.redrive_leases``, ``redrives`` times so far.
+    claimed_by: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column()
+    redrives: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     def __repr__(self) -> str:
         return f"Image(id={self.id!r}, bucket={self.bucket!r}, key={self.key!r}, status={self.status!r})"

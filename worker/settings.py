@@ -225,11 +225,20 @@ class Settings(BaseSettings):
     fetch_threads: int = Field(8, ge=1, le=128)  # parallel downloads and heatmap uploads within one batch
 
     # --- task behaviour --------------------------------------------------------------------------
-    task_max_attempts: int = Field(5, ge=1, le=100)
+    task_max_attempts: int = Field(5, ge=1, le=100)  # attempts of the retraining tasks (scheduler/)
     retry_backoff_s: float = Field(2.0, gt=0)
-    retry_backoff_max_s: float = Field(300.0, gt=0)
+    retry_backoff_max_s: float = Field(60.0, gt=0)
+    # A scoring batch retries transient (database, storage) errors for this long after its first attempt,
+    # so an outage of minutes is outlasted instead of being spent in a few quick retries.
+    retry_total_s: float = Field(900.0, ge=0)
     task_time_limit_s: int = Field(1800, ge=1)
     reconcile_stale_after_s: int = Field(900, ge=1)  # re-enqueue images still 'queued' after this long
+    # Leases (worker/leases.py): a worker holds the rows of its batch for lease_s, renewed while it scores;
+    # beat re-drives rows whose lease expired every redrive_interval_s; a row re-driven max_redrives times
+    # gets a failures row instead. A dead worker's images are re-driven within lease_s + redrive_interval_s.
+    lease_s: float = Field(60.0, ge=1)
+    redrive_interval_s: float = Field(20.0, gt=0)
+    max_redrives: int = Field(5, ge=0, le=1000)
 
     # --- retraining (scheduler/) -----------------------------------------------------------------
     retrain_threshold: int = Field(50, ge=1)  # new training-pool images since the last build that start one
@@ -344,6 +353,10 @@ class Settings(BaseSettings):
         if self.retry_backoff_max_s < self.retry_backoff_s:
             raise ValueError(
                 f"retry_backoff_max_s ({self.retry_backoff_max_s}) must be >= retry_backoff_s ({self.retry_backoff_s})"
+            )
+        if self.lease_s > 600:
+            raise ValueError(
+                f"lease_s ({self.lease_s}) must be at most 600: a dead worker's images wait that long to be re-driven"
             )
         prefixes = {
             "incoming_prefix": self.incoming_prefix,

@@ -159,3 +159,33 @@ def test_registry_history_revision_adds_events_and_the_pooled_state(empty_db_url
         assert "model_events" not in set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
+
+
+def test_leases_revision_adds_the_lease_columns_and_survives_a_downgrade(empty_db_url: str) -> None:
+    """0006: ``claimed_by``, ``lease_until``, ``redrives`` (default 0) and the partial lease index; the
+    downgrade drops them and keeps the rows (and the views, rebuilt by SQLite's batch mode)."""
+    from sqlalchemy import text
+
+    upgrade_database(empty_db_url)
+    engine = make_engine(empty_db_url)
+    try:
+        columns = {column["name"] for column in inspect(engine).get_columns("images")}
+        assert {"claimed_by", "lease_until", "redrives"} <= columns
+        assert "ix_images_lease_until" in {index["name"] for index in inspect(engine).get_indexes("images")}
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO images (bucket, key, etag_or_version, metadata, kind, status) "
+                     "VALUES ('b', 'incoming/a.png', 'e', '{}', 'incoming', 'queued')")
+            )  # fmt: skip
+            assert connection.execute(text("SELECT redrives FROM images")).scalar_one() == 0
+    finally:
+        engine.dispose()
+    downgrade_database(empty_db_url, "0005_registry_history")
+    engine = make_engine(empty_db_url)
+    try:
+        assert "claimed_by" not in {column["name"] for column in inspect(engine).get_columns("images")}
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM images")).scalar_one() == 1
+            assert connection.execute(text("SELECT count(*) FROM v_latest_inference")).scalar_one() == 0
+    finally:
+        engine.dispose()

@@ -12,7 +12,7 @@ from celery.contrib.testing.worker import start_worker
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.app import RECONCILE, SCORE_BATCH, create_app, make_enqueue, queue_depth
+from worker.app import RECONCILE, REDRIVE_LEASES, SCORE_BATCH, create_app, make_enqueue, queue_depth
 from worker.db import make_engine, make_session_factory, session_scope
 from worker.model_provider import publish_model
 from worker.schema import Failure, Image, Inference
@@ -45,9 +45,12 @@ def test_app_configuration_and_task_options(tmp_path: Path, sqlite_url: str) -> 
     assert app.amqp.router.route({}, SCORE_BATCH)["queue"].name == "score"
     assert app.amqp.router.route({}, RECONCILE)["queue"].name == "ingest"
     task = app.tasks[SCORE_BATCH]
-    assert task.max_retries == 3 and task.retry_backoff == 3.0 and task.retry_jitter
+    assert task.max_retries is None  # scoring retries for retry_total_s, not a count (worker/tasks.py)
     assert task.acks_late and task.ignore_result
-    assert task.autoretry_for and all(issubclass(cls, Exception) for cls in task.autoretry_for)
+    reconcile = app.tasks[RECONCILE]
+    assert reconcile.max_retries == 3 and reconcile.retry_backoff == 3.0 and reconcile.retry_jitter
+    assert reconcile.autoretry_for and all(issubclass(cls, Exception) for cls in reconcile.autoretry_for)
+    assert app.amqp.router.route({}, REDRIVE_LEASES)["queue"].name == "ingest"
     redis_app = create_app(
         Settings(broker_url="redis://127.0.0.1:6379/15", task_time_limit_s=600), set_as_current=False
     )

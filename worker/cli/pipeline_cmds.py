@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -83,6 +84,12 @@ def worker(
     queues: str = typer.Option(_DEFAULT_QUEUES, "--queues", "-Q", help="Comma-separated queues to consume."),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
     hostname: str | None = typer.Option(None, "--hostname", "-n", help="Node name (default: celery@host)."),
+    supervise: bool = typer.Option(
+        True,
+        "--supervise/--no-supervise",
+        help="Run Celery as a child and restart it with backoff when it dies (default); --no-supervise: the raw "
+        "Celery process, for a process manager of your own.",
+    ),
 ) -> None:
     """Start a Celery worker that scores batches (the same task code in every deployment)."""
     settings = get_settings()
@@ -92,6 +99,15 @@ def worker(
     if problem:  # one line, unwrapped, before anything is consumed (a GPU worker must not score on nothing)
         typer.echo(f"worker: {problem}", err=True)
         raise SystemExit(1)  # not typer.Exit: main() runs click with standalone_mode=False, which returns its code
+    if supervise:
+        from worker.supervisor import supervise as run_supervised
+
+        child = [sys.executable, "-c", "from worker.cli import main; main()", "worker", "--no-supervise"]
+        child += [f"--queues={queues}", f"--loglevel={loglevel}"]
+        child += [f"--pool={pool}"] if pool else []
+        child += [f"--concurrency={concurrency}"] if concurrency else []
+        child += [f"--hostname={hostname}"] if hostname else []
+        raise SystemExit(run_supervised(child))
     chosen_pool, chosen_concurrency = default_pool(settings.device, queues)
     pool = pool or chosen_pool
     concurrency = concurrency or (chosen_concurrency if pool == chosen_pool else 1)
