@@ -39,13 +39,14 @@ def test_folds_partition_the_training_images(tile_ensemble):
         assert sorted([*fold.train_ids, *fold.validation_ids]) == all_ids
 
 
-def test_score_is_max_over_folds_and_decision_is_strictly_above(tile_ensemble, tile_split):
+def test_score_aggregates_the_folds_and_decision_is_strictly_above(tile_ensemble, tile_split):
     refs = subsample(tile_split.test_bad, 6) + subsample(tile_split.test_good, 6)
     results = tile_ensemble.score_images([load_image_file(r.path) for r in refs], [r.id for r in refs])
+    aggregate = {"max": np.max, "mean": np.mean}[tile_ensemble.config.score_aggregate]
     for ref, result in zip(refs, results, strict=True):
         assert result.id == ref.id
         assert len(result.fold_scores) == 5
-        assert result.score == max(result.fold_scores)
+        assert result.score == pytest.approx(float(aggregate(result.fold_scores)), rel=1e-12)
         assert result.is_anomalous == (result.score > result.threshold)
         assert result.anomaly_map.shape == (224, 224)
 
