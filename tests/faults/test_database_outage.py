@@ -44,14 +44,6 @@ def postgres() -> Iterator[PrivatePostgres]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
 def _outage(rig: Rig, postgres: PrivatePostgres, images: list[Path], *, outage_s: float) -> dict[int, tuple[str, int]]:
     """Warm the worker up, stop PostgreSQL, send a batch, start PostgreSQL after ``outage_s``, let it settle."""
     warm, batch = rig.register(images[:2], "warm"), rig.register(images[2:10], "outage")

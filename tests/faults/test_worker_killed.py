@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from worker.app import create_app, make_enqueue
@@ -23,26 +21,11 @@ from worker.db import session_scope
 from worker.schema import Image
 
 try:
-    from processes import PrivateRedis, kill_pid, start_waferwatch, stop_process, wait_for, wait_log
-    from recovery_rig import Rig, make_rig
+    from processes import kill_pid, start_waferwatch, stop_process, wait_for, wait_log
+    from recovery_rig import Rig
 except ModuleNotFoundError:  # tests/faults became a package
-    from tests.faults.processes import PrivateRedis, kill_pid, start_waferwatch, stop_process, wait_for, wait_log
-    from tests.faults.recovery_rig import Rig, make_rig
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def rig(
-    tmp_path: Path, pg_database_factory: Callable[[], str], redis_server: PrivateRedis, pipeline_model_dir: Path
-) -> Rig:
-    return make_rig(tmp_path, pg_database_factory(), redis_server.url, pipeline_model_dir, batch_size="8")
+    from tests.faults.processes import kill_pid, start_waferwatch, stop_process, wait_for, wait_log
+    from tests.faults.recovery_rig import Rig
 
 
 def _claimed(rig: Rig, ids: list[int]) -> list[int]:
