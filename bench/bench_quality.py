@@ -59,6 +59,13 @@ FEATURE_FIELDS = (
     "augment",
 )
 
+#: Fields that change only how fold scores become an image score and a threshold: candidates that differ in
+#: nothing else share one set of fitted folds (the banks are the expensive part on tiled sets).
+DECISION_FIELDS = ("score_aggregate", "threshold_rule", "false_alarm_rate", "threshold_aggregate")
+
+#: Fitted folds by (set, config without DECISION_FIELDS) → (folds, seconds they took), for this run only.
+_FOLDS: dict[str, tuple[list[Any], float]] = {}
+
 #: The candidates of the README table: name → overrides of PatchCoreConfig().
 CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -77,6 +84,9 @@ RULE_SWEEP = (
     ("gpd", 0.01),
     ("gpd", 0.02),
     ("gpd", 0.05),
+    ("gpd", 0.1),
+    ("gpd", 0.15),
+    ("gpd", 0.2),
 )
 
 
@@ -173,10 +183,13 @@ def load_masks(refs: list[ImageRef], masks: dict[str, Path], size: int) -> list[
 
 def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, quick: bool) -> dict[str, Any]:
     train, test, test_ids, extract_s, test_s = cached_features(config, data, quick)
-    started = time.perf_counter()
-    folds = build_folds(train, config)
+    bank_fields = {k: v for k, v in config.to_dict().items() if k not in DECISION_FIELDS}
+    key = json.dumps({"set": data.name, "quick": quick, "config": bank_fields}, sort_keys=True, default=str)
+    if key not in _FOLDS:
+        started = time.perf_counter()
+        _FOLDS[key] = (build_folds(train, config), time.perf_counter() - started)
+    folds, fold_s = _FOLDS[key]
     ensemble: FoldEnsemble = assemble_ensemble(config, train, folds)
-    fold_s = time.perf_counter() - started
     split = data.split
     n_good = len(split.test_good)
     labels = np.array([0] * n_good + [1] * len(split.test_bad))

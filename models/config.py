@@ -54,8 +54,10 @@ DEFAULT_TARGET_DIM: dict[str, int] = {
 class PatchCoreConfig:
     """Everything that determines a fitted fold ensemble and its scores.
 
-    Defaults follow the Dacon-winning recipe (3×3 neighbourhood, k=5, eq. 7 re-weighting, 5 folds, threshold
-    = mean of per-fold validation maxima, score = max over folds) on the offline EfficientNet-Lite0 backbone.
+    The structure is the Dacon-winning recipe (3×3 neighbourhood, eq. 7 re-weighting, a 5-fold ensemble of
+    banks); the defaults are the ones ``bench/bench_quality.py`` found best on both labelled sets together
+    (k = 1, a generalised-Pareto threshold, the mean of the fold scores), on the offline EfficientNet-Lite0
+    backbone. ``PRESETS["original"]`` is the team's recipe as they ran it.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -78,11 +80,16 @@ class PatchCoreConfig:
     seed: int = 0
     threshold_aggregate: ThresholdAggregate = "mean"  # how fold_max combines the fold maxima
     threshold_rule: ThresholdRule = "gpd"  # models.ensemble.ensemble_threshold (see README: decisions)
-    false_alarm_rate: float = 0.05  # target share of nominal images flagged (percentile and gpd rules)
+    # target share of nominal images flagged (percentile and gpd rules). 15%: with the mean aggregate the held-out
+    # good images of both labelled sets were flagged at 9.9% / 13.3% (a test image's score averages 5 folds,
+    # an out-of-fold score comes from one), about what the old max aggregate flagged at 5%, with F1 higher
+    false_alarm_rate: float = 0.15
     # rule "labelled": the threshold refitted on reviewed images (models.calibration, waferwatch models
     # calibrate); None otherwise, and then left out of to_dict so the versions of other models do not change
     labelled_threshold: float | None = None
-    score_aggregate: ScoreAggregate = "max"
+    # how the folds' scores (and maps) become the image's: "mean" won on both labelled sets (bench_quality),
+    # "max" is the original recipe and flags about twice the false_alarm_rate asked for
+    score_aggregate: ScoreAggregate = "mean"
     smoothing_sigma: float = 4.0
     max_image_pixels: int = 64_000_000
     batch_size: int = 32
@@ -201,6 +208,7 @@ class PatchCoreConfig:
         values.setdefault("reweight_neighbours", max(2, int(values.get("k", 5))))
         values.setdefault("threshold_rule", "fold_max")
         values.setdefault("coreset_scope", "fold")  # models saved before the per-part coreset
+        values.setdefault("score_aggregate", "max")  # the default before it was "mean"
         if "layers" in values:
             values["layers"] = tuple(values["layers"])
         return cls(**values)

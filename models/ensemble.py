@@ -3,8 +3,9 @@
 Training: the nominal images are sorted by id and split with a seeded KFold. The backbone runs once per
 image; every fold reuses those features. Fold ``i`` builds a memory bank (greedy coreset) from its train part
 and calibrates its threshold as the maximum score over its validation part. The ensemble threshold aggregates
-the fold thresholds (mean by default) and an image's score aggregates the fold scores (max by default); an
-image is anomalous iff its score is strictly greater than the threshold.
+the fold thresholds (mean by default) and an image's score aggregates the fold scores (``score_aggregate``:
+the mean by default, the max in the original recipe); an image is anomalous iff its score is strictly
+greater than the threshold.
 """
 
 from __future__ import annotations

@@ -18,7 +18,11 @@ Checks (each with its value, its bound and whether it had enough data to count):
    images (absolute floor);
 2. ``synthetic_recall``: it flags at least ``min_synthetic_recall`` of the synthetic anomalies (absolute
    floor), and 3. ``synthetic_recall_vs_active``: at most ``synthetic_margin`` below the active version;
-   both need ``min_holdout`` held-out images;
+   3b. ``synthetic_auroc_vs_active``: its separation of held-out nominal from synthetic anomalies (image
+   AUROC, which no threshold moves) at most ``synthetic_auroc_margin`` below the active version's: a
+   candidate trained on contaminated nominal images keeps a recall near the floor by lowering nothing but
+   separates worse, so this is what holds it back when nobody has labelled anything;
+   all need ``min_holdout`` held-out images;
 4. ``defect_recall``: it flags at least ``min_defect_recall`` of the labelled defects (absolute floor),
    and 5./6. ``auroc_vs_active`` / ``f1_vs_active``: AUROC and F1 at most ``auroc_margin`` / ``f1_margin``
    below the active version's on the same images. Labelled checks count only with ``min_labels`` images
@@ -87,9 +91,10 @@ class GateRules:
 
     auroc_margin: float = 0.02
     f1_margin: float = 0.05
-    max_nominal_flag_rate: float = 0.10
+    max_nominal_flag_rate: float = 0.25
     min_synthetic_recall: float = 0.3
     synthetic_margin: float = 0.15
+    synthetic_auroc_margin: float = 0.05
     min_defect_recall: float = 0.5
     min_labels: int = 10
     min_holdout: int = 10
@@ -236,6 +241,8 @@ def decide(
     candidate_synthetic_recall: float | None,
     active_synthetic_recall: float | None,
     n_good: int,
+    candidate_synthetic_auroc: float | None = None,
+    active_synthetic_auroc: float | None = None,
     n_defect: int,
     candidate_labelled: dict[str, float] | None,
     active_labelled: dict[str, float] | None,
@@ -264,6 +271,11 @@ def decide(
                None if active_synthetic_recall is None else active_synthetic_recall - rules.synthetic_margin, ">=",
                enough_holdout and synthetic_n > 0 and active_synthetic_recall is not None,
                f"active {active_synthetic_recall} - margin {rules.synthetic_margin}"),
+        _check("synthetic_auroc_vs_active", candidate_synthetic_auroc,
+               None if active_synthetic_auroc is None else active_synthetic_auroc - rules.synthetic_auroc_margin,
+               ">=", enough_holdout and synthetic_n > 0 and active_synthetic_auroc is not None,
+               f"held-out nominal vs {synthetic_n} synthetic anomalies; active {active_synthetic_auroc} - margin "
+               f"{rules.synthetic_auroc_margin}"),
         _check("defect_recall", cand.get("recall"), rules.min_defect_recall, ">=", enough_labels,
                f"flagged share of {n_defect} labelled defects"),
         _check("auroc_vs_active", cand.get("image_auroc"),
@@ -312,6 +324,7 @@ def evaluate_gate(
 
     synthetic_record: dict[str, Any] = {"enabled": synthetic is not None and rules.synthetic}
     synthetic_recalls: list[float | None] = [None, None]
+    synthetic_aurocs: list[float | None] = [None, None]
     n_synthetic = 0
     if synthetic is not None and rules.synthetic and held.images:
         anomalies = synthetic(held.images, held.keys, rules.synthetic_seed)
@@ -323,10 +336,8 @@ def evaluate_gate(
             both = np.concatenate([held_scores[index], scores])
             truth = [0] * len(held_scores[index]) + [1] * len(scores)
             name = "candidate" if index == 0 else "active"
-            synthetic_record[name] = {
-                "recall": synthetic_recalls[index],
-                "image_auroc": image_metrics(both.tolist(), truth, model.threshold)["image_auroc"],
-            }
+            synthetic_aurocs[index] = image_metrics(both.tolist(), truth, model.threshold)["image_auroc"]
+            synthetic_record[name] = {"recall": synthetic_recalls[index], "image_auroc": synthetic_aurocs[index]}
         synthetic_record.update({"n": n_synthetic, "seed": rules.synthetic_seed, "made_from": "held-out nominal"})
 
     label_of = dict(labelled)
@@ -347,6 +358,8 @@ def evaluate_gate(
         synthetic_n=n_synthetic,
         candidate_synthetic_recall=synthetic_recalls[0],
         active_synthetic_recall=synthetic_recalls[1] if active is not None else None,
+        candidate_synthetic_auroc=synthetic_aurocs[0],
+        active_synthetic_auroc=synthetic_aurocs[1] if active is not None else None,
         n_good=n_good,
         n_defect=n_defect,
         candidate_labelled=labelled_metrics[0],

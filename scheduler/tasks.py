@@ -92,6 +92,7 @@ def gate_rules_of(settings: Settings) -> gate_rules.GateRules:
         max_nominal_flag_rate=settings.gate_max_nominal_flag_rate,
         min_synthetic_recall=settings.gate_min_synthetic_recall,
         synthetic_margin=settings.gate_synthetic_margin,
+        synthetic_auroc_margin=settings.gate_synthetic_auroc_margin,
         min_defect_recall=settings.gate_min_defect_recall,
         min_labels=settings.gate_min_labels,
         min_holdout=settings.gate_min_holdout,

@@ -208,6 +208,8 @@ def _decide(**overrides: object) -> tuple[bool, list[str], list[str], list]:
         "synthetic_n": 40,
         "candidate_synthetic_recall": 0.7,
         "active_synthetic_recall": 0.72,
+        "candidate_synthetic_auroc": 0.88,
+        "active_synthetic_auroc": 0.84,
         "n_good": 12,
         "n_defect": 12,
         "candidate_labelled": {"image_auroc": 0.94, "f1": 0.76, "recall": 0.8},
@@ -234,6 +236,19 @@ def test_gate_rules_floors_margins_and_minimum_counts() -> None:
     assert not passed and {r.split()[0] for r in reasons} == {"synthetic_recall", "defect_recall"}
 
 
+def test_label_free_gate_holds_back_a_candidate_that_separates_worse() -> None:
+    # The figures of bench/gate_records.py's bad candidate (fitted on 30 of 50 images with a pasted black
+    # square): its synthetic recall sits on the floor and within the recall margin, so only the
+    # threshold-free separation of held-out nominal from synthetic anomalies tells it from the active one.
+    numbers = {"candidate_synthetic_recall": 0.3, "active_synthetic_recall": 0.433, "candidate_labelled": None,
+               "active_labelled": None, "n_good": 0, "n_defect": 0, "candidate_flag_rate": 0.033}  # fmt: skip
+    passed, reasons, _, _ = _decide(**numbers, candidate_synthetic_auroc=0.746, active_synthetic_auroc=0.837)
+    assert not passed and [r.split()[0] for r in reasons] == ["synthetic_auroc_vs_active"]
+    assert "bound 0.7870" in reasons[0]
+    passed, reasons, _, _ = _decide(**numbers, candidate_synthetic_auroc=0.80, active_synthetic_auroc=0.837)
+    assert passed, reasons
+
+
 def test_one_label_cannot_decide() -> None:
     awful = {"image_auroc": 0.0, "f1": 0.0, "recall": 0.0}
     passed, reasons, notes, checks = _decide(n_good=1, n_defect=1, candidate_labelled=awful)
@@ -249,7 +264,7 @@ def test_one_label_cannot_decide() -> None:
 
 
 def test_first_version_is_held_to_the_floors_only() -> None:
-    passed, _, notes, checks = _decide(active_labelled=None, active_synthetic_recall=None)
+    passed, _, notes, checks = _decide(active_labelled=None, active_synthetic_recall=None, active_synthetic_auroc=None)
     assert passed and "no active version to compare with: absolute floors only" in notes
     assert {check.name for check in checks if check.used} == {"held_out_flag_rate", "synthetic_recall", "defect_recall"}
 
