@@ -294,7 +294,7 @@ def test_nominal_drops_start_a_rebuild_that_is_promoted_and_workers_switch(clust
     assert gate["passed"] and gate["held_out"]["n"] == len(held) and gate["held_out"]["left_out_trained"] == 0
     assert gate["synthetic"]["n"] == len(held) and gate["labelled"]["n_good"] == gate["labelled"]["n_defect"] == 0
     used = {check["name"] for check in gate["checks"] if check["used"]}
-    assert used == {"held_out_flag_rate", "synthetic_recall", "synthetic_recall_vs_active"}
+    assert used == {"held_out_flag_rate", "synthetic_recall", "synthetic_recall_vs_active", "synthetic_auroc_vs_active"}
     assert set(metrics["build"]["timings_s"]) >= {"extract_total", "fold_total", "assemble", "upload"}
     assert cluster.versions() - before == {candidate.id}  # one build, its row replaced by the candidate
     assert not list(cluster.s3.list_objects_v2(Bucket=BUCKET, Prefix="models/build-").get("Contents", []))
