@@ -40,7 +40,7 @@ from models.ensemble import FoldEnsemble, ensemble_threshold
 from models.evaluation import image_metrics, pixel_auroc
 from models.features import PatchFeatureExtractor
 from models.images import load_image_file
-from models.training import FeatureSet, assemble_ensemble, build_folds, extract_features
+from models.training import FeatureSet, assemble_ensemble, build_folds, extract_features, train_representation
 
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "bench-cache" / "quality"
 
@@ -63,8 +63,9 @@ FEATURE_FIELDS = (
 #: nothing else share one set of fitted folds (the banks are the expensive part on tiled sets).
 DECISION_FIELDS = ("score_aggregate", "threshold_rule", "false_alarm_rate", "threshold_aggregate")
 
-#: Fitted folds by (set, config without DECISION_FIELDS) → (folds, seconds they took), for this run only.
-_FOLDS: dict[str, tuple[list[Any], float]] = {}
+#: Fitted folds by (set, config without DECISION_FIELDS) → (folds, ReConPatch representation or None, seconds
+#: they took), for this run only.
+_FOLDS: dict[str, tuple[list[Any], Any, float]] = {}
 
 #: The candidates of the README table: name → overrides of PatchCoreConfig().
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -189,9 +190,11 @@ def evaluate_candidate(name: str, config: PatchCoreConfig, data: LabelledSet, qu
     key = json.dumps({"set": data.name, "quick": quick, "config": bank_fields}, sort_keys=True, default=str)
     if key not in _FOLDS:
         started = time.perf_counter()
-        _FOLDS[key] = (build_folds(train, config), time.perf_counter() - started)
-    folds, fold_s = _FOLDS[key]
-    ensemble: FoldEnsemble = assemble_ensemble(config, train, folds)
+        # ReConPatch: f is trained on the nominal patch features first (per fold unless configured shared)
+        representation = train_representation(train, config, device="cpu") if config.reconpatch else None
+        _FOLDS[key] = (build_folds(train, config, representation), representation, time.perf_counter() - started)
+    folds, representation, fold_s = _FOLDS[key]
+    ensemble: FoldEnsemble = assemble_ensemble(config, train, folds, representation=representation)
     split = data.split
     n_good = len(split.test_good)
     labels = np.array([0] * n_good + [1] * len(split.test_bad))

@@ -384,12 +384,17 @@ def dacon_data() -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline_model_dir(dacon_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved small model (20 training images, coreset 2 %, 2 folds) for pipeline tests."""
+    """A saved small model (20 training images, coreset 2 %, 2 folds) for pipeline tests.
+
+    Its decisions are pinned to the max over folds at a 5% target, the settings the retraining tests' gate
+    margins were measured with: a 20-image, 2-fold model is close to chance on synthetic anomalies, and at
+    the product's 15% target its held-out flag rate and synthetic recall both saturate on the 9 held-out
+    images those tests have, so nothing could tell a damaged candidate from a clean one."""
     from models import FoldEnsemble, PatchCoreConfig
     from models.datasets import read_image_csv
 
     refs = sorted(read_image_csv(dacon_data / "train.csv"), key=lambda ref: ref.id)[:20]
-    config = PatchCoreConfig(coreset_ratio=0.02, folds=2)
+    config = PatchCoreConfig(coreset_ratio=0.02, folds=2, score_aggregate="max", false_alarm_rate=0.05)
     ensemble = FoldEnsemble.fit([ref.id for ref in refs], [ref.path for ref in refs], config, device="cpu")
     return ensemble.save(tmp_path_factory.mktemp("pipeline-model") / "model")
 
