@@ -62,7 +62,7 @@ PY
 FROM python:${PYTHON_VERSION}-slim AS runtime
 # The service user and every directory it writes, owned by it (WORKDIR alone would make /app root's):
 # /app/var/celerybeat-schedule (beat), /app/var/model-cache (worker and trainer: models from the bucket).
-# tests/test_compose_services.py builds the same layout for a throwaway user and runs each service in it.
+# tests/deploy/test_services_as_user.py builds the same layout for a throwaway user and runs each service in it.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends procps libgomp1 \
     && rm -rf /var/lib/apt/lists/* \

@@ -1,8 +1,9 @@
 """``waferwatch doctor``: is this machine set up to run waferwatch, and if not, what to do.
 
-One line per check (settings, database, broker, bucket, notifications, model, GPU), each saying what was
-found and, when something is wrong, what to run or set. Checks only read: nothing is created, migrated
-or uploaded. Exit code 1 when a check failed, 0 otherwise (warnings do not fail).
+One line per check (settings, database, broker, queues, bucket, notifications, model, GPU), each saying
+what was found and, when something is wrong, what to run or set. Checks only read: nothing is created,
+migrated or uploaded. Exit code 1 when a check failed, 0 otherwise (warnings do not fail): a warning is
+what doctor cannot tell (no worker answered, the bucket does not show its notification rules).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from worker.settings import HOME_ENV, Settings, get_settings, mask_url, settings
 
 Status = Literal["ok", "warn", "fail"]
 _MARK = {"ok": "[green]ok  [/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
+
+#: How long the queues check waits for workers to say what they consume.
+QUEUES_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,68 @@ def check_broker(settings: Settings) -> Check:
     return Check("broker", "warn", f"{shown}: this doctor cannot probe that transport")
 
 
+def routed_queues(celery_app: Any) -> dict[str, list[str]]:
+    """``{queue: task names}`` for every queue a task of ``celery_app`` can be sent to: each registered
+    task's route (``task_routes``, else ``task_default_queue``) and the beat schedule's ``options.queue``."""
+    routed: dict[str, set[str]] = {}
+    for name in celery_app.tasks:
+        if name.startswith("celery."):  # Celery's built-ins (chord unlock, backend cleanup) are never sent here
+            continue
+        queue = celery_app.amqp.router.route({}, name).get("queue")
+        routed.setdefault(getattr(queue, "name", queue) or celery_app.conf.task_default_queue, set()).add(name)
+    for entry in (celery_app.conf.beat_schedule or {}).values():
+        queue = (entry.get("options") or {}).get("queue")
+        if queue:
+            routed.setdefault(getattr(queue, "name", queue), set()).add(entry["task"])
+    return {queue: sorted(tasks) for queue, tasks in sorted(routed.items())}
+
+
+def consumed_queues(replies: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
+    """``{queue: worker names}`` from ``inspect().active_queues()``'s replies."""
+    consumers: dict[str, set[str]] = {}
+    for worker_name, queues in replies.items():
+        for queue in queues or []:
+            consumers.setdefault(str(queue.get("name")), set()).add(worker_name)
+    return {queue: sorted(workers) for queue, workers in sorted(consumers.items())}
+
+
+def judge_queues(routed: dict[str, list[str]], consumers: dict[str, list[str]] | None, timeout_s: float) -> Check:
+    """The queues line: ``consumers`` is None when no worker answered within ``timeout_s``."""
+    if consumers is None:
+        return Check(
+            "queues",
+            "warn",
+            f"no worker answered within {timeout_s:g}s (a solo worker busy with a batch answers only between "
+            f"batches); start one with `waferwatch worker --queues {','.join(routed)}`",
+        )
+    missing = [queue for queue in routed if queue not in consumers]
+    if missing:
+        parts = [
+            f"{queue} ({', '.join(routed[queue])}): start `waferwatch worker --queues {queue}` or add {queue} to a "
+            "worker's --queues"
+            for queue in missing
+        ]
+        return Check("queues", "fail", f"consumed by no live worker: {'; '.join(parts)}")
+    consumed = "; ".join(f"{queue} by {', '.join(consumers[queue])}" for queue in routed)
+    return Check("queues", "ok", f"every routed queue has a live consumer: {consumed}")
+
+
+def check_queues(settings: Settings, broker_ok: bool, timeout_s: float = QUEUES_TIMEOUT_S) -> Check:
+    """Every queue a task can be sent to (the app's routes and beat schedule) against what live workers
+    consume (``inspect().active_queues()``); only asked when the broker check passed."""
+    if not broker_ok:
+        return Check("queues", "warn", "not checked: the broker is not ready (see above)")
+    from worker.app import create_app
+
+    celery_app = create_app(settings, set_as_current=False)
+    try:
+        routed = routed_queues(celery_app)
+        replies = celery_app.control.inspect(timeout=timeout_s).active_queues()
+    finally:
+        celery_app.close()
+    return judge_queues(routed, consumed_queues(replies) if replies else None, timeout_s)
+
+
 def _store(settings: Settings) -> Any:
     from worker.storage import make_store
 
@@ -126,7 +192,12 @@ def check_notifications(settings: Settings) -> Check:
         client = store._client  # the boto3 client: notifications are S3-only, not part of ObjectStore
         config = client.get_bucket_notification_configuration(Bucket=settings.s3_bucket)
     except Exception as exc:  # MinIO/Ceph may not implement it; not a failure of waferwatch's setup
-        return Check("events", "warn", f"cannot read the bucket's notification configuration ({exc})")
+        return Check(
+            "events",
+            "warn",
+            f"cannot read the bucket's notification configuration ({exc}); make sure ObjectCreated under "
+            f"{settings.incoming_prefix} is announced to `waferwatch ingest` (docs/deploy.md)",
+        )
     targets = [
         *config.get("QueueConfigurations", []),
         *config.get("TopicConfigurations", []),
@@ -142,9 +213,11 @@ def check_notifications(settings: Settings) -> Check:
         return Check("events", "ok", f"ObjectCreated under {settings.incoming_prefix} goes to {', '.join(covering)}")
     return Check(
         "events",
-        "warn",
-        f"no ObjectCreated notification covers {settings.incoming_prefix}; new images arrive only through "
-        "`waferwatch reconcile` (see docs/deploy.md for the SQS/webhook setup)",
+        "fail",
+        f"no ObjectCreated notification covers {settings.incoming_prefix} (WAFERWATCH_INCOMING_PREFIX) in bucket "
+        f"{settings.s3_bucket}: add an s3:ObjectCreated:* rule with prefix {settings.incoming_prefix} to the SQS "
+        "queue of WAFERWATCH_SQS_QUEUE_URL or the webhook of `waferwatch ingest --source webhook` (docs/deploy.md); "
+        "until then new images arrive only through the periodic reconcile",
     )
 
 
@@ -222,7 +295,9 @@ def run_checks(settings: Settings) -> list[Check]:
 
     database = guarded("database", lambda: check_database(settings))
     checks.append(database)
-    checks.append(guarded("broker", lambda: check_broker(settings)))
+    broker = guarded("broker", lambda: check_broker(settings))
+    checks.append(broker)
+    checks.append(guarded("queues", lambda: check_queues(settings, broker.status == "ok")))
     checks.append(guarded("bucket", lambda: check_bucket(settings)))
     checks.append(guarded("events", lambda: check_notifications(settings)))
     checks.append(guarded("model", lambda: check_model(settings, database.status == "ok")))
@@ -232,8 +307,8 @@ def run_checks(settings: Settings) -> list[Check]:
 
 @app.command()
 def doctor() -> None:
-    """Check the settings, database, broker, bucket, event notifications, model and GPU; one line each,
-    saying what to do. Exit code 1 if a check failed."""
+    """Check the settings, database, broker, the queues live workers consume, bucket, event notifications,
+    model and GPU; one line each, saying what to do. Exit code 1 if a check failed."""
     settings_check, settings = check_settings()
     checks = [settings_check, *(run_checks(settings) if settings is not None else [])]
     out = Console(soft_wrap=True)
