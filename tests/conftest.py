@@ -405,3 +405,17 @@ def dacon_test_images(dacon_data: Path) -> list[Path]:
     from models.datasets import read_image_csv
 
     return [ref.path for ref in sorted(read_image_csv(dacon_data / "test.csv"), key=lambda ref: ref.id)]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[object]:
+    """A redis-server of the test's own on a free port (tests/faults/processes.PrivateRedis), so killing or
+    restarting it, or the workers and broadcasts on it, touch nobody else."""
+    try:
+        from tests.faults.processes import PrivateRedis
+    except ModuleNotFoundError:  # run from inside tests/
+        from faults.processes import PrivateRedis
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,15 +13,6 @@ try:
 except ModuleNotFoundError:  # tests/faults became a package
     from tests.faults.processes import PrivateRedis
     from tests.faults.recovery_rig import Rig, make_rig
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A redis-server of the test's own on a free port, so killing or restarting it touches nobody else."""
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -104,19 +103,10 @@ def test_a_bucket_without_an_objectcreated_rule_for_incoming_fails_and_says_what
 # --- which queues live workers consume ------------------------------------------------------------------
 
 
-@pytest.fixture
-def redis_broker(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A redis-server of this test's own (its workers and broadcasts reach nobody else's)."""
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
-
-
 def test_doctor_names_a_routed_queue_no_live_worker_consumes(
-    redis_broker: PrivateRedis, base_env: dict[str, str], tmp_path: Path
+    redis_server: PrivateRedis, base_env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = base_env | {"WAFERWATCH_BROKER_URL": redis_broker.url, "WAFERWATCH_METRICS_PORT": "0"}
+    env = base_env | {"WAFERWATCH_BROKER_URL": redis_server.url, "WAFERWATCH_METRICS_PORT": "0"}
 
     code, lines = doctor(env, tmp_path)  # nobody listening: doctor cannot tell, so it warns
     assert lines["broker"].startswith("ok"), lines
