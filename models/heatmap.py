@@ -1,8 +1,14 @@
-"""Heatmap overlays people look at: the anomaly map in a colour scale over the original image."""
+"""Heatmap overlays people look at: the anomaly map in a colour scale over the original image.
+
+The pipeline stores the map itself (:func:`encode_map`: an 8-bit grayscale PNG of a few kB and the two
+scores its levels span) and draws the overlay only when someone looks (:func:`render_stored`): encoding a
+224² RGB overlay for every image cost the worker more CPU than the model needs on a GPU.
+"""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -103,3 +109,57 @@ def overlay_png(image: Image.Image, anomaly_map: np.ndarray, *, threshold: float
     buffer = io.BytesIO()
     overlay(image, anomaly_map, threshold=threshold, alpha=alpha).save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
+
+
+#: Side of a stored anomaly map, in pixels. Maps are blurred with σ = 4 px at the model's 224² input, so a
+#: 4× smaller grid keeps what the eye sees at a sixteenth of the pixels (about 2.5 kB as PNG): Lanczos down,
+#: bicubic back up is within 1.2% of the map's range everywhere even for a map of independent random patch
+#: scores (the worst case; box down and bilinear up were 5.8% off), 0.2% more for the 8-bit levels.
+STORED_MAP_SIZE = 56
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMap:
+    """An anomaly map as stored with its score: PNG bytes (8-bit grayscale), level 0 is ``low`` and 255 is
+    ``high`` (score units; the map's own minimum and maximum)."""
+
+    png: bytes
+    low: float
+    high: float
+
+
+def encode_map(anomaly_map: np.ndarray, *, size: int = STORED_MAP_SIZE) -> StoredMap:
+    """The map shrunk to at most ``size``² (Lanczos) and quantised to 8 bits over its own range (0.2 ms)."""
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    height, width = values.shape[:2]
+    plane = Image.fromarray(values, mode="F")
+    if max(height, width) > size:
+        scale = size / max(height, width)
+        plane = plane.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
+    small = np.asarray(plane, dtype=np.float32)
+    low, high = float(small.min()), float(small.max())
+    span = high - low
+    levels = np.zeros(small.shape, dtype=np.uint8) if span <= 0 else np.rint((small - low) * (255.0 / span))
+    buffer = io.BytesIO()
+    Image.fromarray(levels.astype(np.uint8), mode="L").save(buffer, format="PNG", compress_level=1)
+    return StoredMap(buffer.getvalue(), low, high)
+
+
+def decode_map(stored: StoredMap, *, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The stored map in score units (float32), resized (bicubic) to ``size`` = (width, height) if given."""
+    with Image.open(io.BytesIO(stored.png)) as image:
+        levels = image.convert("L")
+    plane = Image.fromarray(np.asarray(levels, dtype=np.float32), mode="F")
+    if size is not None and plane.size != tuple(size):
+        plane = plane.resize(tuple(size), Image.Resampling.BICUBIC)
+    span = stored.high - stored.low
+    return (np.asarray(plane, dtype=np.float32) * np.float32(span / 255.0) + np.float32(stored.low)).astype(np.float32)
+
+
+def render_stored(image: Image.Image, stored: StoredMap, *, threshold: float, size: int) -> bytes:
+    """The overlay PNG of a stored map, as the worker drew it before maps were stored: the image at the
+    model's input ``size``² (bilinear, as the model saw it), the map brought back to that size, the same
+    colour scale (:func:`heatmap_png`)."""
+    if image.size != (size, size):
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return heatmap_png(image, decode_map(stored, size=(size, size)), threshold=threshold)

@@ -17,6 +17,7 @@ from sqlalchemy import Select, Table, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from models.heatmap import StoredMap
 from worker.errors import PermanentError
 from worker.schema import IMAGE_KINDS, MODEL_STATUSES, Failure, Image, Inference, ModelVersion, utcnow
 
@@ -38,6 +39,7 @@ __all__ = [
     "register_image",
     "set_active_model_version",
     "set_image_sha256",
+    "stored_map",
     "summary",
     "update_model_version",
     "versions_without_rows",
@@ -286,12 +288,14 @@ def record_inference(
     fold_scores: Sequence[float],
     heatmap_key: str | None = None,
     timings: Mapping[str, float] | None = None,
+    anomaly_map: StoredMap | None = None,
 ) -> bool:
     """Store the score of one image by one model version; False if it was already stored.
 
     Idempotent on (image_id, model_version), so a redelivered task writes nothing new. The image is
     marked ``scored`` either way (a conditional UPDATE: no write when it already is). ``timings`` may
-    hold ``download_ms``, ``decode_ms`` and ``model_ms``.
+    hold ``download_ms``, ``decode_ms`` and ``model_ms``; ``anomaly_map`` is the stored map the overlay is
+    drawn from on demand (:func:`models.heatmap.render_stored`).
     """
     timings = timings or {}
     unknown = set(timings) - set(_TIMING_FIELDS)
@@ -307,6 +311,7 @@ def record_inference(
             is_anomalous=bool(is_anomalous),
             fold_scores=[float(value) for value in fold_scores],
             heatmap_key=heatmap_key,
+            **_map_columns(anomaly_map),
             created_at=utcnow(),
             **{name: (float(timings[name]) if name in timings else None) for name in _TIMING_FIELDS},
         )
@@ -320,6 +325,23 @@ def record_inference(
         .values(status="scored", status_reason=None, status_changed_at=utcnow())
     )
     return created
+
+
+def _map_columns(anomaly_map: StoredMap | None) -> dict[str, Any]:
+    if anomaly_map is None:
+        return {"anomaly_map_png": None, "anomaly_map_low": None, "anomaly_map_high": None}
+    return {
+        "anomaly_map_png": anomaly_map.png,
+        "anomaly_map_low": float(anomaly_map.low),
+        "anomaly_map_high": float(anomaly_map.high),
+    }
+
+
+def stored_map(inference: Inference) -> StoredMap | None:
+    """The anomaly map stored with an inference row (None for rows scored before 0007, or without a map)."""
+    if inference.anomaly_map_png is None or inference.anomaly_map_low is None or inference.anomaly_map_high is None:
+        return None
+    return StoredMap(inference.anomaly_map_png, inference.anomaly_map_low, inference.anomaly_map_high)
 
 
 def has_inference(session: Session, *, image_id: int, model_version: str) -> bool:

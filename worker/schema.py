@@ -27,6 +27,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -229,6 +230,11 @@ class Inference(Base):
     is_anomalous: Mapped[bool] = mapped_column(Boolean)
     fold_scores: Mapped[list[float]] = mapped_column(JSONType, default=list)
     heatmap_key: Mapped[str | None] = mapped_column(Text)
+    # The anomaly map itself (migration 0007): an 8-bit grayscale PNG, level 0 = anomaly_map_low and
+    # 255 = anomaly_map_high in score units; overlays are drawn from it on demand (models.heatmap).
+    anomaly_map_png: Mapped[bytes | None] = mapped_column(LargeBinary)
+    anomaly_map_low: Mapped[float | None] = mapped_column(Float)
+    anomaly_map_high: Mapped[float | None] = mapped_column(Float)
     download_ms: Mapped[float | None] = mapped_column(Float)
     decode_ms: Mapped[float | None] = mapped_column(Float)
     model_ms: Mapped[float | None] = mapped_column(Float)

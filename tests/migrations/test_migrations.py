@@ -189,3 +189,25 @@ def test_leases_revision_adds_the_lease_columns_and_survives_a_downgrade(empty_d
             assert connection.execute(text("SELECT count(*) FROM v_latest_inference")).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+def test_anomaly_maps_revision_adds_the_map_columns_and_survives_a_downgrade(empty_db_url: str) -> None:
+    """0007: ``anomaly_map_png`` (bytes), ``anomaly_map_low`` and ``anomaly_map_high`` on ``inferences``; the
+    downgrade drops them and keeps the rows and the views."""
+    from sqlalchemy import text
+
+    upgrade_database(empty_db_url)
+    engine = make_engine(empty_db_url)
+    try:
+        columns = {column["name"] for column in inspect(engine).get_columns("inferences")}
+        assert {"anomaly_map_png", "anomaly_map_low", "anomaly_map_high", "heatmap_key"} <= columns
+    finally:
+        engine.dispose()
+    downgrade_database(empty_db_url, "0006_leases")
+    engine = make_engine(empty_db_url)
+    try:
+        assert "anomaly_map_png" not in {column["name"] for column in inspect(engine).get_columns("inferences")}
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM v_latest_inference")).scalar_one() == 0
+    finally:
+        engine.dispose()

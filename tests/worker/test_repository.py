@@ -7,6 +7,7 @@ import time
 import uuid
 from datetime import UTC
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -228,6 +229,30 @@ def test_record_inference_twice_keeps_one_row(session_factory: Factory) -> None:
         image = get_image(session, image_id=image_id)
         assert image is not None
         assert image.status == "scored"
+
+
+def test_record_inference_stores_the_anomaly_map(session_factory: Factory) -> None:
+    """The map travels with its row (bytes and the two scores its levels span), and comes back equal."""
+    from models.heatmap import encode_map
+    from worker.repository import stored_map
+
+    image_id = _image_with_model(session_factory)
+    anomaly_map = encode_map(np.linspace(0.1, 0.9, 224 * 224, dtype=np.float32).reshape(224, 224))
+    with session_scope(session_factory) as session:
+        record_inference(
+            session,
+            image_id=image_id,
+            model_version="v1",
+            score=0.9,
+            threshold=0.5,
+            is_anomalous=True,
+            fold_scores=[0.9],
+            anomaly_map=anomaly_map,
+        )
+    with session_scope(session_factory) as session:
+        inference = latest_inference(session, image_id=image_id)
+        assert inference is not None and inference.heatmap_key is None
+        assert stored_map(inference) == anomaly_map
 
 
 def test_record_inference_refuses_unknown_timings(session_factory: Factory) -> None:
