@@ -68,8 +68,20 @@ def decode_image(
     ``size``: the caller wants the model input (``size``², exactly :func:`resize_for_model`), so the
     full-size RGB image is never made: a grayscale image is resized before it becomes RGB (the same
     pixels, a third of the memory), and an image at least :data:`REDUCE_GAP` × ``size`` on its short side
-    is first reduced by an integer factor, in the JPEG decoder where possible.
+    is first reduced by an integer factor, in the JPEG decoder where possible. The same as
+    :func:`to_model_input` of :func:`load_pixels`, which the worker calls apart to account for each.
     """
+    image = load_pixels(data, name=name, max_pixels=max_pixels, size=size)
+    if size is None:
+        return _to_rgb(image)
+    return to_model_input(image, size)
+
+
+def load_pixels(
+    data: bytes, *, name: str = "<bytes>", max_pixels: int = 64_000_000, size: int | None = None
+) -> Image.Image:
+    """The decoded pixels in the file's own mode (the first half of :func:`decode_image`): header checks,
+    then the decode, reduced in the JPEG decoder (``Image.draft``) when ``size`` allows it."""
     if not data:
         raise BadImageError(name, "empty file (0 bytes)")
     try:
@@ -95,9 +107,7 @@ def decode_image(
         raise BadImageError(name, f"refused as a decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImageError(name, f"cannot be decoded, probably truncated or corrupt ({exc})") from exc
-    if size is None:
-        return _to_rgb(image)
-    return _to_model_input(image, size)
+    return image
 
 
 def _reduction(image_size: tuple[int, int], size: int) -> int:
@@ -105,7 +115,7 @@ def _reduction(image_size: tuple[int, int], size: int) -> int:
     return max(1, min(image_size) // (size * REDUCE_GAP))
 
 
-def _to_model_input(image: Image.Image, size: int) -> Image.Image:
+def to_model_input(image: Image.Image, size: int) -> Image.Image:
     """``resize_for_model(_to_rgb(image), size)`` without holding the full-size RGB image."""
     factor = _reduction(image.size, size)
     if image.mode in _SIXTEEN_BIT_MODES:

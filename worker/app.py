@@ -132,6 +132,7 @@ class WorkerContext:
             incoming_prefix=self.settings.incoming_prefix,
             heatmap_prefix=self.settings.heatmap_prefix,
             heatmaps=self.settings.heatmaps,
+            heatmap_format=self.settings.heatmap_format,
             max_object_bytes=self.settings.max_object_bytes,
             max_image_pixels=self.settings.max_image_pixels,
             fetch_threads=self.settings.fetch_threads,

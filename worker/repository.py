@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar
 
-from sqlalchemy import Select, Table, func, select, update
+from sqlalchemy import Select, Table, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -23,6 +23,7 @@ from worker.schema import IMAGE_KINDS, MODEL_STATUSES, Failure, Image, Inference
 
 __all__ = [
     "ImageSummary",
+    "InferenceRow",
     "Summary",
     "UnknownModelVersionError",
     "ensure_model_version",
@@ -36,6 +37,7 @@ __all__ = [
     "mark_superseded",
     "record_failure",
     "record_inference",
+    "record_inferences",
     "register_image",
     "set_active_model_version",
     "set_image_sha256",
@@ -48,6 +50,7 @@ __all__ = [
 MAX_MESSAGE_CHARS: Final = 4000
 METADATA_COLUMNS: Final = ("lot", "wafer", "tool")
 _IN_CHUNK: Final = 500  # keeps IN (...) lists under SQLite's bound-parameter limit
+_INSERT_CHUNK: Final = 200  # rows per multi-row INSERT: 200 × 14 columns stays under SQLite's 32766 parameters
 _TIMING_FIELDS: Final = ("download_ms", "decode_ms", "model_ms")
 
 
@@ -324,6 +327,75 @@ def record_inference(
         .where(Image.id == image_id, Image.status != "scored")
         .values(status="scored", status_reason=None, status_changed_at=utcnow())
     )
+    return created
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRow:
+    """One image's score by a model version, as :func:`record_inferences` writes it."""
+
+    image_id: int
+    score: float
+    threshold: float
+    is_anomalous: bool
+    fold_scores: Sequence[float]
+    sha256: str | None = None
+    heatmap_key: str | None = None
+    anomaly_map: StoredMap | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+def record_inferences(session: Session, *, model_version: str, rows: Sequence[InferenceRow]) -> set[int]:
+    """:func:`record_inference` and :func:`set_image_sha256` for a whole batch in two statements; returns
+    the image ids whose inference is new (the others were stored before: a redelivery writes nothing new).
+
+    One multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING image_id`` and one ``UPDATE`` executed for
+    all rows at once (psycopg pipelines it): per image, a worker spent more CPU on three ORM statements
+    than a GPU spends on the model.
+    """
+    if not rows:
+        return set()
+    now = utcnow()
+    values = []
+    for row in rows:
+        unknown = set(row.timings) - set(_TIMING_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown timing fields {sorted(unknown)}; expected some of {_TIMING_FIELDS}")
+        values.append(
+            {
+                "image_id": row.image_id,
+                "model_version": model_version,
+                "score": float(row.score),
+                "threshold": float(row.threshold),
+                "is_anomalous": bool(row.is_anomalous),
+                "fold_scores": [float(value) for value in row.fold_scores],
+                "heatmap_key": row.heatmap_key,
+                **_map_columns(row.anomaly_map),
+                "created_at": now,
+                **{name: (float(row.timings[name]) if name in row.timings else None) for name in _TIMING_FIELDS},
+            }
+        )
+    created: set[int] = set()
+    for begin in range(0, len(values), _INSERT_CHUNK):
+        statement = (
+            _insert(session, Inference.__table__)
+            .values(values[begin : begin + _INSERT_CHUNK])
+            .on_conflict_do_nothing(index_elements=["image_id", "model_version"])
+            .returning(Inference.image_id)
+        )
+        created.update(session.execute(statement).scalars())
+    images = Image.__table__
+    scored = (
+        images.update()
+        .where(images.c.id == bindparam("row_id"))
+        .values(
+            sha256=func.coalesce(images.c.sha256, bindparam("row_sha256", type_=images.c.sha256.type)),
+            status="scored",
+            status_reason=None,
+            status_changed_at=case((images.c.status == "scored", images.c.status_changed_at), else_=now),
+        )
+    )
+    session.execute(scored, [{"row_id": row.image_id, "row_sha256": row.sha256} for row in rows])
     return created
 
 

@@ -9,12 +9,17 @@ of this batch. The stages overlap, so the model is rarely kept waiting:
   releases the GIL);
 * the model scores the images in chunks of ``model_chunk`` (8 on a CPU, the whole batch on a GPU), each
   as soon as its images are decoded; one backbone pass serves every fold;
-* each scored image's heatmap PNG (every image, only the anomalous ones, or none: ``heatmaps``) is encoded
-  and written, on the same pool, to
+* each scored image's anomaly map (every image, only the anomalous ones, or none: ``heatmaps``) is kept
+  as an 8-bit 56² PNG for its row (:func:`models.heatmap.encode_map`, 0.2 ms); with
+  ``heatmap_format="overlay"`` the rendered overlay is also encoded and written, on the same pool, to
   ``<heatmap_prefix><version>/<key without incoming prefix and suffix>.<image id>.heatmap.png`` while the
   next chunk is scored;
-* once every heatmap is written, all inferences, statuses and content hashes of the batch are written in
-  one transaction (all writes of an image are in it), so a row never points at a missing heatmap.
+* once every overlay is written, all inferences (with their maps), statuses and content hashes of the
+  batch are written in one transaction of three set-based statements, so a row never points at a
+  missing overlay and the database costs a round trip per batch, not per image.
+
+Each stage's CPU time (the thread's own, ``time.thread_time``) is in ``BatchResult.cpu`` and the task's
+log line, so where a worker's CPU goes outside the model can be read off any batch.
 
 A row scores exactly the bytes it registered: on a versioned bucket the fetch reads its ``version_id``,
 otherwise it sends ``If-Match`` with its ``etag``. If the object was overwritten meanwhile, the row is
@@ -49,9 +54,9 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import BadImageError, ImageScore, decode_image
-from models.heatmap import heatmap_png  # re-exported: the overlay every scorer writes
-from models.images import image_pixels
+from models import BadImageError, ImageScore
+from models.heatmap import StoredMap, encode_map, heatmap_png  # heatmap_png: re-exported
+from models.images import image_pixels, load_pixels, to_model_input
 from worker import metrics, repository
 from worker.db import session_scope
 from worker.decode_budget import return_large_buffers_to_the_os, shared_budget
@@ -84,7 +89,8 @@ class ScoringOptions:
     max_object_bytes: int = 200 * 1024 * 1024
     max_image_pixels: int = 64_000_000
     fetch_threads: int = 8
-    heatmaps: str = "all"  # all | anomalous | none: which scored images get a heatmap PNG
+    heatmaps: str = "all"  # all | anomalous | none: which scored images get a stored anomaly map
+    heatmap_format: str = "map"  # map | overlay: overlay also writes the rendered PNG object (heatmap_key)
     model_chunk: int | None = None  # images per model call; None: 8 on a CPU, the whole batch on a GPU
     decode_pixel_budget: int | None = None  # pixels decoded at once in a process; None: max_image_pixels
 
@@ -107,6 +113,7 @@ class BatchResult:
     registered: list[int] = field(default_factory=list)  # new rows of overwritten objects' current versions
     retry: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per stage, all threads of the batch
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (the task's log line)."""
@@ -137,6 +144,7 @@ class _Fetched:
     sha256: str
     download_s: float
     decode_s: float
+    cpu: dict[str, float]
     model_s: float = 0.0
 
 
@@ -178,19 +186,24 @@ def score_batch(
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch") as pool:
             size = loaded.ensemble.input_size
             fetches = [pool.submit(_fetch_and_decode, item, store, options, size) for item in work]
-            uploads: list[tuple[_Fetched, ImageScore, Future[str | TransientError | PermanentError | None]]] = []
+            uploads: list[tuple[_Fetched, ImageScore, StoredMap | None, Future[_Overlay] | None]] = []
             for begin in range(0, len(work), chunk):
                 ready = _collect(work[begin : begin + chunk], fetches[begin : begin + chunk], session_factory, result)
                 transient.extend(error for error in ready if isinstance(error, TransientError))
                 fetched = [item for item in ready if isinstance(item, _Fetched)]
                 if fetched:
                     scores = _score(fetched, loaded, options, result)
-                    uploads.extend(
-                        (item, score, pool.submit(_write_heatmap, item, score, loaded.version, store, options))
-                        for item, score in zip(fetched, scores, strict=True)
-                    )
+                    for item, score in zip(fetched, scores, strict=True):
+                        stored = _stored_map(score, options, result)
+                        overlay = None
+                        if stored is not None and options.heatmap_format == "overlay":
+                            overlay = pool.submit(_write_overlay, item, score, loaded.version, store, options)
+                        uploads.append((item, score, stored, overlay))
             waited = time.perf_counter()
-            finished = [(item, score, future.result()) for item, score, future in uploads]
+            finished = [
+                (item, score, stored, None if overlay is None else _overlay_result(overlay, result))
+                for item, score, stored, overlay in uploads
+            ]
             result.seconds["heatmap_wait"] = time.perf_counter() - waited
         _persist(finished, session_factory, loaded.version, result, transient)
     if result.registered and enqueue is not None:
@@ -219,6 +232,10 @@ def _enqueue_registered(enqueue: Callable[[Sequence[int]], None], image_ids: lis
 
 def _add_seconds(result: BatchResult, stage: str, seconds: float) -> None:
     result.seconds[stage] = result.seconds.get(stage, 0.0) + seconds
+
+
+def _add_cpu(result: BatchResult, stage: str, seconds: float) -> None:
+    result.cpu[stage] = result.cpu.get(stage, 0.0) + seconds
 
 
 def _collect(
@@ -285,7 +302,7 @@ def _fetch_and_decode(
             raise BadObjectError(
                 f"image {item.image_id} is in bucket {item.bucket!r} but this worker reads {store.bucket!r}"
             )
-        begin = time.perf_counter()
+        begin, cpu_begin = time.perf_counter(), time.thread_time()
         try:
             stored = store.get(
                 item.key,
@@ -296,14 +313,23 @@ def _fetch_and_decode(
         except ObjectChangedError as exc:
             return _overwritten(item, store, exc)
         downloaded = time.perf_counter()
+        cpu = {"fetch": time.thread_time() - cpu_begin}
         with shared_budget(options.pixel_budget).hold(image_pixels(stored.data)):
-            image = decode_image(stored.data, name=item.key, max_pixels=options.max_image_pixels, size=image_size)
+            mark = time.thread_time()
+            pixels = load_pixels(stored.data, name=item.key, max_pixels=options.max_image_pixels, size=image_size)
+            cpu["decode"], mark = time.thread_time() - mark, time.thread_time()
+            image = to_model_input(pixels, image_size)
+            del pixels
+            cpu["resize"] = time.thread_time() - mark
         decoded = time.perf_counter()
+        mark = time.thread_time()
+        sha256 = hashlib.sha256(stored.data).hexdigest()
+        cpu["hash"] = time.thread_time() - mark
     except (PermanentError, TransientError, BadImageError) as exc:
         return exc
     metrics.observe_stage("download", downloaded - begin)
     metrics.observe_stage("decode", decoded - downloaded)
-    return _Fetched(item, image, hashlib.sha256(stored.data).hexdigest(), downloaded - begin, decoded - downloaded)
+    return _Fetched(item, image, sha256, downloaded - begin, decoded - downloaded, cpu)
 
 
 def _overwritten(item: _Work, store: ObjectStore, error: ObjectChangedError) -> _Overwritten | Exception:
@@ -359,7 +385,7 @@ def _record_permanent(
 def _score(
     fetched: list[_Fetched], loaded: LoadedModel, options: ScoringOptions, result: BatchResult
 ) -> list[ImageScore]:
-    begin = time.perf_counter()
+    begin, cpu_begin = time.perf_counter(), time.thread_time()
     scores = loaded.ensemble.score_images(
         [item.image for item in fetched],
         [str(item.work.image_id) for item in fetched],
@@ -367,76 +393,97 @@ def _score(
     )
     model_s = time.perf_counter() - begin
     _add_seconds(result, "model", model_s)
+    _add_cpu(result, "model", time.thread_time() - cpu_begin)  # the caller's thread; torch's own threads are not in it
     for item in fetched:
         item.model_s = model_s / len(fetched)
         metrics.observe_stage("model", item.model_s)
     return scores
 
 
-def _write_heatmap(
-    item: _Fetched, score: ImageScore, version: str, store: ObjectStore, options: ScoringOptions
-) -> str | TransientError | PermanentError | None:
-    """Encode and upload one overlay (on the thread pool: PNG encoding releases the GIL)."""
+def _stored_map(score: ImageScore, options: ScoringOptions, result: BatchResult) -> StoredMap | None:
+    """The map to store with this score, or None (``heatmaps``: all, anomalous or none)."""
     if score.anomaly_map is None or (options.heatmaps == "anomalous" and not score.is_anomalous):
         return None
-    started = time.perf_counter()
+    begin, cpu_begin = time.perf_counter(), time.thread_time()
+    stored = encode_map(np.asarray(score.anomaly_map))
+    _add_cpu(result, "heatmap", time.thread_time() - cpu_begin)
+    metrics.observe_stage("heatmap", time.perf_counter() - begin)
+    return stored
+
+
+#: What writing one overlay gave (its key, or the error) and the CPU seconds it took.
+_Overlay = tuple[str | TransientError | PermanentError, float]
+
+
+def _write_overlay(
+    item: _Fetched, score: ImageScore, version: str, store: ObjectStore, options: ScoringOptions
+) -> _Overlay:
+    """Encode and upload one overlay (``heatmap_format="overlay"``; on the pool: PNG encoding releases the GIL)."""
+    cpu_begin = time.thread_time()
     key = heatmap_key(options, model_version=version, image_key=item.work.key, image_id=item.work.image_id)
     png = heatmap_png(item.image, np.asarray(score.anomaly_map), threshold=score.threshold)
     try:
         store.put(key, png, content_type="image/png")
     except TransientError as exc:
-        return exc
+        return exc, time.thread_time() - cpu_begin
     except PermanentError as exc:  # e.g. a folder store name over the length limit: retrying cannot help
-        return BadObjectError(f"the heatmap of this image cannot be stored at {key!r}: {exc}")
-    metrics.observe_stage("heatmap", time.perf_counter() - started)
-    return key
+        return BadObjectError(f"the heatmap of this image cannot be stored at {key!r}: {exc}"), 0.0
+    return key, time.thread_time() - cpu_begin
+
+
+def _overlay_result(future: Future[_Overlay], result: BatchResult) -> str | TransientError | PermanentError:
+    outcome, cpu_s = future.result()
+    _add_cpu(result, "overlay", cpu_s)
+    return outcome
 
 
 def _persist(
-    finished: list[tuple[_Fetched, ImageScore, str | TransientError | PermanentError | None]],
+    finished: list[tuple[_Fetched, ImageScore, StoredMap | None, str | TransientError | PermanentError | None]],
     session_factory: sessionmaker[Session],
     version: str,
     result: BatchResult,
     transient: list[TransientError],
 ) -> None:
-    """Every scored image of the batch in one transaction (one commit, not one per image)."""
-    begin = time.perf_counter()
-    rows = []
-    for item, score, key in finished:
+    """Every scored image of the batch in one transaction of set-based statements (not one per image)."""
+    rows: list[tuple[_Fetched, repository.InferenceRow]] = []
+    for item, score, stored, key in finished:
+        for stage, seconds in item.cpu.items():
+            _add_cpu(result, stage, seconds)
         if isinstance(key, TransientError):
             transient.append(key)
             result.retry.append(item.work.image_id)
         elif isinstance(key, PermanentError):
             _record_permanent(session_factory, item.work, key, result)
         else:
-            rows.append((item, score, key))
+            rows.append((item, _row(item, score, stored, key)))
     if not rows:
         return
+    begin, cpu_begin = time.perf_counter(), time.thread_time()
     with session_scope(session_factory) as session:
-        created = [_record(session, item, score, key, version) for item, score, key in rows]
-    for (item, _, _), was_created in zip(rows, created, strict=True):
-        if was_created:
+        created = repository.record_inferences(session, model_version=version, rows=[row for _, row in rows])
+    for item, _ in rows:
+        if item.work.image_id in created:
             result.scored.append(item.work.image_id)
             metrics.IMAGES_SCORED.labels(model_version=version).inc()
         else:
             result.already_done.append(item.work.image_id)
     written = time.perf_counter() - begin
     result.seconds["write"] = written
+    _add_cpu(result, "database", time.thread_time() - cpu_begin)
     for _ in rows:
         metrics.observe_stage("write", written / len(rows))
 
 
-def _record(session: Session, item: _Fetched, score: ImageScore, key: str | None, version: str) -> bool:
-    repository.set_image_sha256(session, image_id=item.work.image_id, sha256=item.sha256)
-    return repository.record_inference(
-        session,
+def _row(item: _Fetched, score: ImageScore, stored: StoredMap | None, key: str | None) -> repository.InferenceRow:
+    return repository.InferenceRow(
         image_id=item.work.image_id,
-        model_version=version,
         score=score.score,
         threshold=score.threshold,
         is_anomalous=score.is_anomalous,
         fold_scores=score.fold_scores,
+        sha256=item.sha256,
         heatmap_key=key,
+        anomaly_map=stored,
         timings={
             "download_ms": item.download_s * 1000.0,
             "decode_ms": item.decode_s * 1000.0,

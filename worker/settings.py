@@ -204,9 +204,12 @@ class Settings(BaseSettings):
     incoming_prefix: str = "incoming/"
     nominal_prefix: str = "nominal/"
     heatmap_prefix: str = "heatmaps/"
-    # Which scored images get a heatmap PNG: "anomalous" saves the encoding and upload (about a sixth of a CPU
-    # worker's time per image) and the storage for the nominal majority; reports show none for those.
+    # Which scored images get a heatmap: their anomaly map is stored in the inference row (an 8-bit 56² PNG of
+    # about 2.5 kB, 0.2 ms to encode); overlays are drawn from it on demand (`waferwatch heatmap`, reports).
     heatmaps: Literal["all", "anomalous", "none"] = "all"
+    # "overlay" also writes the rendered overlay PNG to heatmap_prefix (heatmap_key), as before 0007, for
+    # viewers that read the bucket: about 9 ms of worker CPU and 75 kB of storage per image more.
+    heatmap_format: Literal["map", "overlay"] = "map"
     model_prefix: str = "models/"
     key_metadata_regex: str = DEFAULT_KEY_METADATA_REGEX
 

@@ -145,7 +145,7 @@ def test_scoring_records_every_folder_failure_and_scores_the_rest(
         session_factory=session_factory,
         store=store,
         model=provider.current,
-        options=ScoringOptions(),
+        options=ScoringOptions(heatmap_format="overlay"),  # the overlay objects are what the names must fit
     )
 
     assert sorted(result.scored) == sorted([ids["ok"], ids["long240"]])

@@ -221,7 +221,7 @@ def cluster(
 
 
 def _check_complete_rows(cluster: Cluster, by_image: dict[int, list[Inference]]) -> None:
-    """Every row is one version's: its threshold, its number of folds, its heatmap folder."""
+    """Every row is one version's: its threshold, its number of folds, and its own stored map."""
     with session_scope(cluster.session_factory) as session:
         versions = {row.id: row for row in session.scalars(select(ModelVersion))}
     for rows in by_image.values():
@@ -229,7 +229,7 @@ def _check_complete_rows(cluster: Cluster, by_image: dict[int, list[Inference]])
             version = versions[row.model_version]
             assert row.threshold == version.threshold
             assert len(row.fold_scores) == len(version.fold_thresholds)
-            assert f"/{row.model_version}/" in row.heatmap_key
+            assert row.anomaly_map_png is not None and row.anomaly_map_low is not None
 
 
 def test_models_register_then_the_pipeline_scores(cluster: Cluster) -> None:

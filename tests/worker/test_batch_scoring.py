@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import shutil
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
+from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import FoldEnsemble, PatchCoreConfig, decode_image
 from models.errors import ArtifactError
+from models.heatmap import STORED_MAP_SIZE, decode_map, render_stored
 from worker import repository
 from worker.app import create_app, make_enqueue, workers_idle
 from worker.db import session_scope
@@ -85,8 +89,10 @@ def test_batch_scores_good_images_and_records_bad_ones_once(
     assert [statuses[i] for i in ids] == ["scored"] * 3 + ["failed"] * 2 + ["skipped"]
     assert all(len(value or "") == 64 for value in hashes)
     for row in inferences:
-        assert row.heatmap_key.startswith(f"heatmaps/{result.model_version}/tool/lot 1/")
-        assert store.head(row.heatmap_key).size > 0
+        assert row.heatmap_key is None  # the map is in the row; no overlay object by default
+        stored = repository.stored_map(row)
+        assert stored is not None and stored.low <= row.score * 1.5 and stored.high >= stored.low
+        assert decode_map(stored).shape == (STORED_MAP_SIZE, STORED_MAP_SIZE)
         assert row.download_ms is not None and row.decode_ms is not None and row.model_ms > 0
         assert len(row.fold_scores) == 2
     assert {failures[i].attempts for i in ids[3:5]} == {1}
@@ -159,13 +165,91 @@ def test_heatmaps_only_for_anomalous_images_or_none(
     )
 
     with session_scope(session_factory) as session:
-        rows = session.execute(select(Inference.is_anomalous, Inference.heatmap_key)).all()
+        rows = session.execute(select(Inference.is_anomalous, Inference.anomaly_map_png)).all()
     assert len(rows) == 40
-    flagged = [key for anomalous, key in rows if anomalous]
+    flagged = [png for anomalous, png in rows if anomalous]
     if heatmaps == "anomalous":
         assert 0 < len(flagged) < 40, "the test needs both kinds among the first 40 Dacon test images"
-        assert all(key and store.head(key).size > 0 for key in flagged)
-    assert all(key is None for anomalous, key in rows if heatmaps == "none" or not anomalous)
+        assert all(png and png.startswith(b"\x89PNG") for png in flagged)
+    assert all(png is None for anomalous, png in rows if heatmaps == "none" or not anomalous)
+    assert not (store.root / "heatmaps").exists()
+
+
+def test_overlay_format_also_writes_the_overlay_object_drawn_like_the_stored_map(
+    session_factory: sessionmaker[Session],
+    store: FolderStore,
+    pipeline_model_dir: Path,
+    dacon_test_images: list[Path],
+    tmp_path: Path,
+) -> None:
+    """``heatmap_format="overlay"`` keeps the old objects for viewers that read the bucket; what
+    ``render_stored`` draws from the row's map is that same picture."""
+    publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
+    ids = _register(session_factory, store, _drop(store, "incoming/tool/lot 1/", dacon_test_images[:2]))
+    provider = _provider(session_factory, store, tmp_path)
+
+    result = score_batch(
+        ids,
+        session_factory=session_factory,
+        store=store,
+        model=provider.current,
+        options=ScoringOptions(heatmap_format="overlay"),
+    )
+
+    assert sorted(result.scored) == ids
+    size = provider.current().ensemble.input_size
+    with session_scope(session_factory) as session:
+        rows = session.execute(select(Inference, Image.key).join(Image, Image.id == Inference.image_id)).all()
+    for row, key in rows:
+        assert row.heatmap_key.startswith(f"heatmaps/{result.model_version}/tool/lot 1/")
+        stored = repository.stored_map(row)
+        assert stored is not None
+        image = decode_image(store.get(key, max_bytes=10**8).data)
+        drawn = np.asarray(PILImage.open(io.BytesIO(render_stored(image, stored, threshold=row.threshold, size=size))))
+        with PILImage.open(io.BytesIO(store.get(row.heatmap_key, max_bytes=10**8).data)) as written:
+            assert written.size == (drawn.shape[1], drawn.shape[0])
+            assert np.abs(np.asarray(written, dtype=float) - drawn).mean() < 3.0
+
+
+def test_a_batch_is_written_in_a_fixed_number_of_statements_and_its_cpu_is_accounted(
+    session_factory: sessionmaker[Session],
+    store: FolderStore,
+    pipeline_model_dir: Path,
+    dacon_test_images: list[Path],
+    tmp_path: Path,
+) -> None:
+    """Writing 16 scores takes as many statements as writing 4 (set-based, not one INSERT and two UPDATEs
+    per image), and each stage's CPU is in the result for the task's log line."""
+    from sqlalchemy import event
+
+    publish_model(store, session_factory, pipeline_model_dir, model_prefix="models/")
+    provider = _provider(session_factory, store, tmp_path)
+    engine = session_factory.kw["bind"]
+    counts = []
+    statements: list[str] = []
+
+    def count_statement(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    for name, count in (("small", 4), ("large", 16)):
+        ids = _register(session_factory, store, _drop(store, f"incoming/{name}/", dacon_test_images[:count]))
+        statements.clear()
+        event.listen(engine, "before_cursor_execute", count_statement)
+        try:
+            result = score_batch(
+                ids,
+                session_factory=session_factory,
+                store=store,
+                model=provider.current,
+                options=ScoringOptions(model_chunk=16),
+            )
+        finally:
+            event.remove(engine, "before_cursor_execute", count_statement)
+        assert sorted(result.scored) == ids
+        counts.append(len(statements))
+        for stage in ("fetch", "decode", "resize", "hash", "model", "heatmap", "database"):
+            assert result.cpu[stage] > 0, stage
+    assert counts[0] == counts[1], f"statements for 4 and 16 images: {counts}"
 
 
 def test_unreachable_storage_raises_transient_and_gave_up_dead_letters(
