@@ -102,6 +102,24 @@ def test_sqs_source_decodes_awkward_keys_and_skips_test_event(s3_to_sqs: tuple[A
     assert _queue_depth(sqs, queue_url) == 0
 
 
+def test_sqs_source_submits_a_received_page_at_once(s3_to_sqs: tuple[Any, Any, str, str]) -> None:
+    """Five notifications received together are one submit (one transaction, one enqueue), not five."""
+    s3, sqs, queue_url, bucket = s3_to_sqs
+    _drain(SqsSource(queue_url, client=sqs, submit=Recorder(), wait_time_s=0), polls=2)  # moto's TestEvent
+    keys = [f"incoming/page/{index}.png" for index in range(5)]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"png")
+    recorder = Recorder()
+    source = SqsSource(queue_url, client=sqs, submit=recorder, wait_time_s=1, visibility_timeout_s=1)
+
+    submitted = source.poll_once()
+
+    assert submitted == 5
+    assert len(recorder.batches) == 1
+    assert sorted(event.key for event in recorder.batches[0]) == keys
+    assert _queue_depth(sqs, queue_url) == 0
+
+
 def test_sqs_message_is_kept_when_submit_raises_and_redelivered(s3_to_sqs: tuple[Any, Any, str, str]) -> None:
     s3, sqs, queue_url, bucket = s3_to_sqs
     # Consume moto's s3:TestEvent first so the next receive holds the object event.

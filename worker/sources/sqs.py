@@ -20,7 +20,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.errors import BadEventError, EventSubmitError, QueueUnavailableError
-from worker.events import excerpt, parse_notification
+from worker.events import ObjectEvent, excerpt, parse_notification
 from worker.settings import mask_url
 from worker.sources import Submit, run_until_stopped
 
@@ -57,42 +57,45 @@ class SqsSource:
         self.delete_unparseable = delete_unparseable
 
     def poll_once(self) -> int:
-        """Receive up to ``max_messages``, submit each message's events, delete the handled ones.
+        """Receive up to ``max_messages``, submit the events of all of them at once, delete the handled ones.
 
-        Returns the number of events submitted.  Submitting stops at the first
-        failing message; it and the not-yet-handled ones stay in the queue, the
-        handled ones are still deleted, then ``EventSubmitError`` is raised.
+        Returns the number of events submitted. One submit per received page, not per message: the
+        ingestor registers and enqueues a page in one transaction and one round trip, which is what keeps
+        ingest under a millisecond of CPU per image. If that submit fails, every message of the page stays
+        in the queue (registration is idempotent, so the redelivery is harmless), unparseable ones are
+        still deleted when ``delete_unparseable``, then ``EventSubmitError`` is raised.
         """
         messages = self._receive()
         done: list[dict[str, str]] = []
-        submitted = 0
-        failure: tuple[str, Exception] | None = None
+        handled: list[dict[str, str]] = []
+        page: list[ObjectEvent] = []
         for message in messages:
-            message_id = message.get("MessageId", "?")
             body = message.get("Body", "")
             try:
                 events = parse_notification(body)
             except BadEventError as exc:
-                self._log_unparseable(message_id, body, exc)
+                self._log_unparseable(message.get("MessageId", "?"), body, exc)
                 if self.delete_unparseable:
                     done.append(message)
                 continue
-            if events:
-                try:
-                    self._submit(events)
-                except Exception as exc:
-                    failure = (message_id, exc)
-                    break
-                submitted += len(events)
-            done.append(message)
+            page.extend(events)
+            handled.append(message)
+        failure: Exception | None = None
+        if page:
+            try:
+                self._submit(page)
+            except Exception as exc:
+                failure = exc
+        if failure is None:
+            done.extend(handled)
         self._delete(done)
         if failure is not None:
-            message_id, cause = failure
+            ids = ", ".join(message.get("MessageId", "?") for message in handled)
             raise EventSubmitError(
-                f"submit failed for SQS message {message_id} ({type(cause).__name__}: {cause}); "
-                f"it stays in the queue and is redelivered after {self.visibility_timeout_s} s"
-            ) from cause
-        return submitted
+                f"submit failed for SQS messages {ids} ({type(failure).__name__}: {failure}); "
+                f"they stay in the queue and are redelivered after {self.visibility_timeout_s} s"
+            ) from failure
+        return len(page)
 
     def run(self, stop_event: threading.Event) -> None:
         """Poll until ``stop_event`` is set; errors are logged and retried with backoff."""
