@@ -92,13 +92,16 @@ class CpuLedger:
                 groups["redis"] += spent
         return groups
 
-    def report(self) -> str:
-        """``group s (share of the cores)`` since construction, one line."""
+    def spent(self) -> tuple[dict[str, float], float]:
+        """CPU seconds per group since construction, and the wall seconds they were spent in."""
         end = self._snapshot()
-        wall = time.perf_counter() - self._wall
+        return {group: end[group] - begin for group, begin in self._start.items()}, time.perf_counter() - self._wall
+
+    def report(self, spent: tuple[dict[str, float], float] | None = None) -> str:
+        """``group s (share of the cores)`` since construction (or of ``spent``), one line."""
+        groups, wall = spent or self.spent()
         cores = os.cpu_count() or 1
-        parts = []
-        for group, begin in self._start.items():
-            spent = end[group] - begin
-            parts.append(f"{group} {spent:.1f} s ({100 * spent / (wall * cores):.0f}%)")
+        parts = [
+            f"{group} {seconds:.1f} s ({100 * seconds / (wall * cores):.0f}%)" for group, seconds in groups.items()
+        ]
         return f"CPU over {wall:.1f} s × {cores} cores: " + ", ".join(parts)
