@@ -7,7 +7,8 @@ parsed events. For each call it
    pool, registered but not scored) prefix and with an image suffix; an incoming object of another type
    is registered as ``skipped`` with the reason (:func:`worker.events.unsupported_type_reason`), so it is
    accounted for; hidden and half-written names (``.tmp``, ``.part``) and folder markers are ignored;
-2. registers them in **one committed transaction** (``register_image`` is idempotent), so when
+2. registers them in **one committed transaction** with a constant number of statements per page
+   (:func:`worker.repository.register_images`, idempotent like ``register_image``), so when
    :meth:`Ingestor.submit` returns, the database row is the durable record of the object and the
    source may acknowledge upstream;
 3. adds the ids of incoming images that still wait for a score (new rows, or rows still ``queued``
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,24 +225,29 @@ class Ingestor:
                 wanted.append((event, kind, unsupported))
         if not wanted:
             return []
-        to_score: list[int] = []
+        objects = [
+            repository.ObjectVersion(
+                bucket=event.bucket,
+                key=event.key,
+                etag=event.etag,
+                version_id=event.version_id,
+                size=event.size,
+                metadata=self._key_metadata(event.key),
+                kind=kind,
+                skip_reason=unsupported,
+            )
+            for event, kind, unsupported in wanted
+        ]
         with session_scope(self._session_factory) as session:
-            for event, kind, unsupported in wanted:
-                image, created = repository.register_image(
-                    session,
-                    bucket=event.bucket,
-                    key=event.key,
-                    etag=event.etag,
-                    version_id=event.version_id,
-                    size=event.size,
-                    metadata=self._key_metadata(event.key),
-                    kind=kind,
-                    skip_reason=unsupported,
-                )
-                outcome = "unsupported" if unsupported else "new" if created else "known"
-                metrics.EVENTS_REGISTERED.labels(kind=kind, outcome=outcome).inc()
-                if kind == "incoming" and not unsupported and (created or image.status == "queued"):
-                    to_score.append(image.id)
+            registrations = repository.register_images(session, objects)
+        to_score: list[int] = []
+        outcomes: Counter[tuple[str, str]] = Counter()
+        for (_, kind, unsupported), registration in zip(wanted, registrations, strict=True):
+            outcomes[kind, "unsupported" if unsupported else "new" if registration.created else "known"] += 1
+            if kind == "incoming" and not unsupported and (registration.created or registration.status == "queued"):
+                to_score.append(registration.image_id)
+        for (kind, outcome), count in outcomes.items():
+            metrics.EVENTS_REGISTERED.labels(kind=kind, outcome=outcome).inc(count)
         self.batcher.add(to_score)
         return to_score
 

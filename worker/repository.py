@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final, Protocol, TypeVar
 
-from sqlalchemy import Select, Table, bindparam, case, func, select, update
+from sqlalchemy import Select, Table, and_, bindparam, case, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -24,6 +25,8 @@ from worker.schema import IMAGE_KINDS, MODEL_STATUSES, Failure, Image, Inference
 __all__ = [
     "ImageSummary",
     "InferenceRow",
+    "ObjectVersion",
+    "Registration",
     "Summary",
     "UnknownModelVersionError",
     "ensure_model_version",
@@ -39,6 +42,7 @@ __all__ = [
     "record_inference",
     "record_inferences",
     "register_image",
+    "register_images",
     "set_active_model_version",
     "set_image_sha256",
     "stored_map",
@@ -100,54 +104,198 @@ def register_image(
     row. A row registered before migration 0003 learns its ETag here (first writer wins). ``lot``,
     ``wafer`` and ``tool`` are copied out of ``metadata`` into indexed columns. ``skip_reason`` inserts
     the row as ``skipped`` with that reason (an object that is not a supported image: accounted for,
-    never scored).
+    never scored). A page of events goes through :func:`register_images` (this is its one-object case,
+    plus the ORM load callers of a single row want).
     """
-    if kind not in IMAGE_KINDS:
-        raise ValueError(f"kind must be one of {IMAGE_KINDS}, got {kind!r}")
-    meta = dict(metadata or {})
-    etag = etag or None
-    version_id = version_id or None
-    etag_or_version = version_id or etag or ""
-    now = utcnow()
-    statement = (
-        _insert(session, Image.__table__)
-        .values(
-            bucket=bucket,
-            key=key,
-            etag_or_version=etag_or_version,
-            etag=etag,
-            version_id=version_id,
-            size=size,
-            metadata=meta,
-            kind=kind,
-            first_seen_at=now,
-            status="queued" if skip_reason is None else "skipped",
-            status_reason=None if skip_reason is None else _truncate(skip_reason),
-            status_changed_at=now,
-            **{column: meta.get(column) or None for column in METADATA_COLUMNS},
-        )
-        .on_conflict_do_nothing(index_elements=["bucket", "key", "etag_or_version"])
-        .returning(Image.id)
+    item = ObjectVersion(
+        bucket=bucket,
+        key=key,
+        etag=etag,
+        size=size,
+        metadata=metadata,
+        kind=kind,
+        version_id=version_id,
+        skip_reason=skip_reason,
     )
-    inserted_id = session.execute(statement).scalar_one_or_none()
-    if inserted_id is None and etag is not None:
-        session.execute(
-            update(Image)
-            .where(
-                Image.bucket == bucket,
-                Image.key == key,
-                Image.etag_or_version == etag_or_version,
-                Image.etag.is_(None),
-            )
-            .values(etag=etag)
-            .execution_options(synchronize_session=False)
+    (registration,) = register_images(session, [item])
+    image = session.get(Image, registration.image_id, populate_existing=True)
+    if image is None:  # pragma: no cover - the row was inserted or found by this transaction
+        raise LookupError(f"image {registration.image_id} vanished after registration")
+    return image, registration.created
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectVersion:
+    """One object version to register; the arguments of :func:`register_image` as a value."""
+
+    bucket: str
+    key: str
+    etag: str | None
+    size: int | None
+    metadata: Mapping[str, str] | None = None
+    kind: str = "incoming"
+    version_id: str | None = None
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What :func:`register_images` learnt of one object version: its row id, status, and whether this
+    call inserted it."""
+
+    image_id: int
+    status: str
+    created: bool
+
+
+_Triple = tuple[str, str, str]  # (bucket, key, etag_or_version): the unique key of an images row
+_MAX_BIND_PARAMS: Final = 999  # SQLite's bound-parameter limit before 3.32 (newer ones allow 32766)
+
+
+def register_images(session: Session, objects: Sequence[ObjectVersion]) -> list[Registration]:
+    """Register many object versions (one event page) with a constant number of statements; one
+    :class:`Registration` per object, in input order. Same semantics as :func:`register_image`.
+
+    Per-object statements cost 2-3 round trips and an ORM load per image, most of ingest's CPU. Here:
+    one multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` (SQLAlchemy's insertmanyvalues, which
+    splits it by the dialect's parameter limit), one core SELECT of the rows that already existed and,
+    only when one of them still lacks its ETag (registered before migration 0003), one UPDATE. Results
+    are joined by the unique triple, never by position: RETURNING order is not guaranteed and conflicting
+    rows return nothing. The same version twice in ``objects`` (SQS delivers at least once) gets one row,
+    one id, and ``created`` on its first occurrence only, as repeated :func:`register_image` calls would.
+    """
+    for item in objects:
+        if item.kind not in IMAGE_KINDS:
+            raise ValueError(f"kind must be one of {IMAGE_KINDS}, got {item.kind!r} (key {item.key!r})")
+    now = utcnow()
+    triples = [_triple_of(item) for item in objects]
+    first: dict[_Triple, ObjectVersion] = {}
+    for triple, item in zip(triples, objects, strict=True):
+        first.setdefault(triple, item)
+    inserted = _insert_new(session, [_image_values(triple, item, now) for triple, item in first.items()])
+    known = _known_rows(session, [triple for triple in first if triple not in inserted])
+    _learn_etags(session, _etags_to_learn(triples, objects, first, inserted, known))
+    return _registrations(triples, first, inserted, known)
+
+
+def _triple_of(item: ObjectVersion) -> _Triple:
+    """The unique key of an object version: its version id on a versioned bucket, else its ETag, else ''."""
+    return (item.bucket, item.key, item.version_id or item.etag or "")
+
+
+def _image_values(triple: _Triple, item: ObjectVersion, now: datetime) -> dict[str, Any]:
+    """The ``images`` row of a new object version (column names, for the Table-level insert)."""
+    meta = dict(item.metadata or {})
+    return {
+        "bucket": triple[0],
+        "key": triple[1],
+        "etag_or_version": triple[2],
+        "etag": item.etag or None,
+        "version_id": item.version_id or None,
+        "size": item.size,
+        "metadata": meta,
+        "kind": item.kind,
+        "first_seen_at": now,
+        "status": "queued" if item.skip_reason is None else "skipped",
+        "status_reason": None if item.skip_reason is None else _truncate(item.skip_reason),
+        "status_changed_at": now,
+        **{column: meta.get(column) or None for column in METADATA_COLUMNS},
+    }
+
+
+def _insert_new(session: Session, rows: list[dict[str, Any]]) -> dict[_Triple, int]:
+    """Insert the rows that do not exist yet; the ids of those this statement inserted, by triple."""
+    if not rows:
+        return {}
+    table = Image.__table__
+    statement = (
+        _insert(session, table)
+        .on_conflict_do_nothing(index_elements=["bucket", "key", "etag_or_version"])
+        .returning(table.c.id, table.c.bucket, table.c.key, table.c.etag_or_version)
+    )
+    result = session.execute(statement, rows)
+    return {(bucket, key, version): image_id for image_id, bucket, key, version in result}
+
+
+def _known_rows(session: Session, triples: list[_Triple]) -> dict[_Triple, tuple[int, str, str | None]]:
+    """(id, status, etag) of existing rows by triple; chunked to stay under SQLite's parameter limit."""
+    table = Image.__table__
+    unique_key = tuple_(table.c.bucket, table.c.key, table.c.etag_or_version)
+    query = select(table.c.id, table.c.bucket, table.c.key, table.c.etag_or_version, table.c.status, table.c.etag)
+    found: dict[_Triple, tuple[int, str, str | None]] = {}
+    per_chunk = _MAX_BIND_PARAMS // 3
+    for start in range(0, len(triples), per_chunk):
+        chunk = triples[start : start + per_chunk]
+        for image_id, bucket, key, version, status, etag in session.execute(query.where(unique_key.in_(chunk))):
+            found[(bucket, key, version)] = (image_id, status, etag)
+    return found
+
+
+def _etags_to_learn(
+    triples: Sequence[_Triple],
+    objects: Sequence[ObjectVersion],
+    first: Mapping[_Triple, ObjectVersion],
+    inserted: Mapping[_Triple, int],
+    known: Mapping[_Triple, tuple[int, str, str | None]],
+) -> dict[_Triple, str]:
+    """The first ETag offered for each row that has none yet (first writer wins, as in :func:`register_image`).
+
+    A row has none when it existed without one, or when this call inserted it from an occurrence without
+    one and a later duplicate in the page carries it.
+    """
+    learned: dict[_Triple, str] = {}
+    for triple, item in zip(triples, objects, strict=True):
+        if not item.etag or triple in learned:
+            continue
+        row_has_no_etag = (triple in inserted and not first[triple].etag) or (
+            triple in known and known[triple][2] is None
         )
-    image = session.scalars(
-        select(Image)
-        .where(Image.bucket == bucket, Image.key == key, Image.etag_or_version == etag_or_version)
-        .execution_options(populate_existing=True)
-    ).one()
-    return image, inserted_id is not None
+        if row_has_no_etag:
+            learned[triple] = item.etag
+    return learned
+
+
+def _learn_etags(session: Session, learned: Mapping[_Triple, str]) -> None:
+    """One UPDATE (per chunk) giving each row its ETag, still only where it has none (a racing writer won)."""
+    table = Image.__table__
+    unique_key = tuple_(table.c.bucket, table.c.key, table.c.etag_or_version)
+    items = list(learned.items())
+    per_chunk = _MAX_BIND_PARAMS // 7  # 3 in the IN list, 4 in the CASE
+    for start in range(0, len(items), per_chunk):
+        chunk = items[start : start + per_chunk]
+        etag = case(
+            *(
+                (and_(table.c.bucket == bucket, table.c.key == key, table.c.etag_or_version == version), value)
+                for (bucket, key, version), value in chunk
+            )
+        )
+        session.execute(
+            update(table)
+            .where(unique_key.in_([triple for triple, _ in chunk]), table.c.etag.is_(None))
+            .values(etag=etag)
+        )
+
+
+def _registrations(
+    triples: Sequence[_Triple],
+    first: Mapping[_Triple, ObjectVersion],
+    inserted: Mapping[_Triple, int],
+    known: Mapping[_Triple, tuple[int, str, str | None]],
+) -> list[Registration]:
+    """One result per input object; ``created`` only on the first occurrence of an inserted triple."""
+    results: list[Registration] = []
+    reported: set[_Triple] = set()
+    for triple in triples:
+        if triple in inserted:
+            status = "queued" if first[triple].skip_reason is None else "skipped"
+            results.append(Registration(inserted[triple], status, created=triple not in reported))
+        elif triple in known:
+            image_id, status, _ = known[triple]
+            results.append(Registration(image_id, status, created=False))
+        else:  # ON CONFLICT skipped it, yet no row matches: only a concurrent delete does this
+            raise LookupError(f"images row {triple} was neither inserted nor found (deleted concurrently?)")
+        reported.add(triple)
+    return results
 
 
 def get_image(session: Session, *, image_id: int) -> Image | None:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from worker.db import make_engine, make_session_factory, session_scope
 from worker.errors import PermanentError
 from worker.repository import (
+    ObjectVersion,
     UnknownModelVersionError,
     ensure_model_version,
     get_active_model_version,
@@ -28,6 +29,7 @@ from worker.repository import (
     record_failure,
     record_inference,
     register_image,
+    register_images,
     set_active_model_version,
     set_image_sha256,
     summary,
@@ -195,6 +197,123 @@ def test_sha256_first_writer_wins_and_skip_records_the_reason(session_factory: F
         assert stored.sha256 == "a" * 64
         assert stored.status == "skipped"
         assert stored.status_reason == "larger than max_object_bytes"
+
+
+def _seed_page_history(session: Session, bucket: str) -> None:
+    """The rows a page meets: a known queued row, a known skipped row, and one from before migration 0003
+    (its ETag only in ``etag_or_version``), which the page teaches its ETag."""
+    _register(session, "incoming/T1/L1/W1/known.png", bucket=bucket, etag="e-known")
+    skipped, _ = _register(session, "incoming/T1/L1/W1/known-skipped.png", bucket=bucket, etag="e-skip")
+    mark_skipped(session, image_id=skipped.id, reason="larger than max_object_bytes")
+    session.add(Image(bucket=bucket, key="incoming/legacy.png", etag_or_version="e-old", etag=None, meta={}))
+    session.flush()
+
+
+def _mixed_page(bucket: str) -> list[ObjectVersion]:
+    """New, known, in-page duplicates, unsupported, versioned, nominal, no ETag, a legacy row to teach."""
+    meta = {"tool": "T1", "lot": "L1", "wafer": "W1", "filename": "x.png", "extra": ""}
+
+    def version(key: str, etag: str | None, **overrides: object) -> ObjectVersion:
+        arguments: dict[str, object] = {"bucket": bucket, "key": key, "etag": etag, "size": 10, "metadata": meta}
+        arguments.update(overrides)
+        return ObjectVersion(**arguments)  # type: ignore[arg-type]
+
+    return [
+        version("incoming/T1/L1/W1/new.png", "e-new"),
+        version("incoming/T1/L1/W1/known.png", "e-known"),
+        version("incoming/dup.png", "e-dup", size=1),
+        version("incoming/T1/L1/W1/known-skipped.png", "e-skip"),
+        version("incoming/notes.txt", "e-txt", skip_reason="not a supported image: " + "x" * 5000),
+        version("incoming/versioned.png", "e-v", version_id="v1"),
+        version("incoming/late-etag.png", None, version_id="v9"),
+        version("incoming/dup.png", "e-dup", size=2),  # SQS redelivery within the page
+        version("incoming/legacy.png", "e-old"),
+        version("incoming/late-etag.png", "e-late", version_id="v9"),
+        version("nominal/good.png", "e-nom", kind="nominal", metadata=None),
+        version("incoming/no-etag.png", None, version_id=""),
+        version("incoming/T1/L1/W1/new.png", "e-new"),
+    ]
+
+
+def _rows(session: Session, bucket: str) -> dict[tuple[str, str], tuple[object, ...]]:
+    """Every column but the id and the clock, by (key, etag_or_version)."""
+    skip = {"id", "bucket", "first_seen_at", "status_changed_at"}
+    columns = [column for column in Image.__table__.c if column.name not in skip]
+    query = select(Image.key, Image.etag_or_version, *columns).where(Image.bucket == bucket)
+    return {(key, version): tuple(rest) for key, version, *rest in session.execute(query)}
+
+
+def _by_row(session: Session, results: list[tuple[int, str, bool]]) -> list[tuple[tuple[str, str], str, bool]]:
+    """Results with each id replaced by its row's (key, etag_or_version): comparable across buckets."""
+    triples = {image.id: (image.key, image.etag_or_version) for image in session.scalars(select(Image))}
+    return [(triples[image_id], status, created) for image_id, status, created in results]
+
+
+def test_register_images_gives_what_one_register_image_per_object_gives(session_factory: Factory) -> None:
+    one_by_one, set_based = "bucket-one-by-one", "bucket-set-based"
+    with session_scope(session_factory) as session:
+        _seed_page_history(session, one_by_one)
+        _seed_page_history(session, set_based)
+    with session_scope(session_factory) as session:
+        singles = []
+        for item in _mixed_page(one_by_one):
+            image, created = register_image(
+                session,
+                bucket=item.bucket,
+                key=item.key,
+                etag=item.etag,
+                size=item.size,
+                metadata=item.metadata,
+                kind=item.kind,
+                version_id=item.version_id,
+                skip_reason=item.skip_reason,
+            )
+            singles.append((image.id, image.status, created))
+        page = [(r.image_id, r.status, r.created) for r in register_images(session, _mixed_page(set_based))]
+    with session_scope(session_factory) as session:
+        assert _by_row(session, page) == _by_row(session, singles)
+        assert _rows(session, set_based) == _rows(session, one_by_one)
+    created_flags = [created for _, _, created in page]
+    assert created_flags == [True, False, True, False, True, True, True, False, False, False, True, True, False]
+    assert page[2][0] == page[7][0] and page[0][0] == page[12][0]
+    assert [status for _, status, _ in page][1:5] == ["queued", "queued", "skipped", "skipped"]
+    with session_scope(session_factory) as session:
+
+        def row(key: str) -> Image:
+            return session.scalars(select(Image).where(Image.bucket == set_based, Image.key == key)).one()
+
+        legacy, late, notes, dup = (
+            row(f"incoming/{name}") for name in ("legacy.png", "late-etag.png", "notes.txt", "dup.png")
+        )
+        new = row("incoming/T1/L1/W1/new.png")
+    assert (legacy.etag, late.etag, late.version_id, late.etag_or_version) == ("e-old", "e-late", "v9", "v9")
+    assert notes.status == "skipped" and notes.status_reason is not None and len(notes.status_reason) == 4000
+    assert dup.size == 1  # the first occurrence wins
+    assert (new.lot, new.wafer, new.tool, new.meta["extra"]) == ("L1", "W1", "T1", "")
+    assert new.first_seen_at.utcoffset() == UTC.utcoffset(None)
+
+
+def test_register_images_of_an_empty_page_and_of_more_than_a_parameter_chunk(session_factory: Factory) -> None:
+    page = [ObjectVersion(bucket=BUCKET, key=f"incoming/{index}.png", etag=f"e{index}", size=1) for index in range(700)]
+    with session_scope(session_factory) as session:
+        assert register_images(session, []) == []
+        first = register_images(session, page)
+        again = register_images(session, [*reversed(page), page[0]])
+    assert all(result.created for result in first)
+    expected_ids = [result.image_id for result in reversed(first)] + [first[0].image_id]
+    assert [result.image_id for result in again] == expected_ids
+    assert not any(result.created for result in again)
+
+
+def test_register_images_refuses_an_unknown_kind_before_writing(session_factory: Factory) -> None:
+    page = [
+        ObjectVersion(bucket=BUCKET, key="incoming/a.png", etag="e", size=1),
+        ObjectVersion(bucket=BUCKET, key="thumbs/a.png", etag="e", size=1, kind="thumbnail"),
+    ]
+    with session_scope(session_factory) as session:
+        with pytest.raises(ValueError, match=r"kind.*thumbs/a\.png"):
+            register_images(session, page)
+        assert _count(session, Image) == 0
 
 
 # --- inferences and failures ----------------------------------------------------------------------
