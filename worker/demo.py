@@ -2,9 +2,10 @@
 
 Layout under ``workdir``: ``.env`` (the demo's settings, so ``waferwatch --workdir DIR <command>`` and
 ``WAFERWATCH_HOME=DIR`` point every other command at this database and storage), ``waferwatch.db`` (SQLite
-results), ``storage/`` (the folder that stands in for the bucket: ``incoming/``, ``heatmaps/``,
-``models/``), ``broker/`` (kombu's filesystem broker), ``model/`` (the trained model, reused by later runs
-on the same training images with the same config, retrained otherwise), ``model-cache/`` and ``worker.log``.
+results), ``storage/`` (the folder that stands in for the bucket: ``incoming/``, ``models/``, and
+``heatmaps/`` only with ``heatmap_format=overlay``), ``broker/`` (kombu's filesystem broker), ``model/``
+(the trained model, reused by later runs on the same training images with the same config, retrained
+otherwise), ``model-cache/`` and ``worker.log``.
 
 Flow: train (or reuse) a model → publish it to ``storage/models/<version>/`` and activate it → start a
 real Celery worker as a child process (``waferwatch worker``, the same task code as production) → watch
@@ -297,12 +298,27 @@ def _progress(session_factory: sessionmaker[Session], expected: int) -> tuple[Ta
     return table, line, done
 
 
-def print_summary(
-    session_factory: sessionmaker[Session], paths: DemoPaths, console: Console, *, version: str, heatmap_prefix: str
-) -> None:
-    """Counts, anomalies per lot and the slowest images, all computed by SQL from the results database."""
+def heatmap_command(paths: DemoPaths, key: str) -> str:
+    """The command that draws the heatmap overlay of ``key`` into the work folder, as a user types it here.
+
+    The worker keeps each image's anomaly map in its inference row and no longer writes an overlay PNG
+    per image, so the way to see one is to ask for it (``waferwatch heatmap``, or the HTML report)."""
+    out = shlex.quote(str(paths.workdir / f"{Path(key).stem}.heatmap.png"))
+    return f"waferwatch --workdir {shlex.quote(str(paths.workdir))} heatmap {shlex.quote(key)} --out {out}"
+
+
+def print_summary(session_factory: sessionmaker[Session], paths: DemoPaths, console: Console, *, version: str) -> None:
+    """Counts, anomalies per lot and the slowest images, all computed by SQL from the results database,
+    and the command that draws the heatmap of ``version``'s highest-scoring image (an anomaly if any)."""
     with session_scope(session_factory) as session:
         result = repository.summary(session, slowest=5)
+        top_key = session.scalar(
+            select(Image.key)
+            .join(Inference, Inference.image_id == Image.id)
+            .where(Inference.model_version == version)
+            .order_by(Inference.is_anomalous.desc(), Inference.score.desc(), Inference.id)
+            .limit(1)
+        )
     console.print()
     console.rule("summary (from the results database)")
     statuses = ", ".join(f"{name} {count}" for name, count in sorted(result.images_by_status.items()))
@@ -325,10 +341,12 @@ def print_summary(
         )
     console.print(slow)
     console.print(f"results database: {paths.database}")
-    console.print(f"storage:          {paths.storage} (the keys in the database, heatmap_key too, are relative to it)")
-    console.print(f"heatmaps:         {paths.storage / heatmap_prefix / version}")
+    console.print(f"storage:          {paths.storage} (the keys in the database are relative to it)")
+    if top_key is not None:
+        what = "the top anomaly" if result.anomalies else "the highest score (no anomaly)"
+        console.print(f"heatmap:          {heatmap_command(paths, top_key)}  # {what}", soft_wrap=True)
     query = (
-        "SELECT i.key, f.score, f.is_anomalous, f.heatmap_key FROM inferences f "
+        "SELECT i.key, f.score, f.is_anomalous FROM inferences f "
         "JOIN images i ON i.id = f.image_id ORDER BY f.score DESC LIMIT 10;"
     )
     console.print(f'query it:         sqlite3 {paths.database} "{query}"', soft_wrap=True)
@@ -418,7 +436,7 @@ def run_demo(options: DemoOptions, console: Console, *, live_console: Console | 
         dropper.join(timeout=10)
         ingest_thread.join(timeout=30)
         stop_worker(worker)
-    print_summary(session_factory, paths, console, version=ref.version, heatmap_prefix=settings.heatmap_prefix)
+    print_summary(session_factory, paths, console, version=ref.version)
     engine.dispose()
     print_next_steps(paths, console)
     if not ok:

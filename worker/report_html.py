@@ -1,11 +1,16 @@
 """One self-contained HTML page of the defect history: tables, SVG plots and heatmap thumbnails.
 
 Everything is inline: the plots are SVG drawn here (no JavaScript, no CDN, no plotting library), the
-thumbnails are the heatmap overlay PNGs, shrunk with Pillow and embedded as base64 data URIs. The page
-opens from a mail attachment or a file share on a machine with no network.
+thumbnails are heatmap overlays, shrunk with Pillow and embedded as base64 data URIs. The page opens from a
+mail attachment or a file share on a machine with no network.
 
-The module never touches storage or the database: :func:`collect_page` takes a connection and a
-``load_heatmap(key) -> bytes | None`` callable, and :func:`render_page` takes plain data.
+A thumbnail is drawn from the anomaly map stored in the inference row over the original image, the same
+picture as ``waferwatch heatmap`` (:mod:`worker.overlays`); without the original, the coloured map alone.
+Rows scored before maps were stored show their overlay object (``heatmap_key``) as before.
+
+The module never touches storage: :func:`collect_page` takes a connection and two callables,
+``load_image(record) -> bytes | None`` (the scored version of a top-anomalies record's image) and
+``load_heatmap(key) -> bytes | None`` (an old overlay object), and :func:`render_page` takes plain data.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import base64
 import html
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Final
 
 from sqlalchemy import Connection
 
+from worker.overlays import DEFAULT_INPUT_SIZE, input_sizes, record_map, render_map
 from worker.report_registry import RegistrySection, collect_registry, registry_html
 from worker.reports import (
     REPORTS,
@@ -36,6 +42,7 @@ from worker.reports import (
 __all__ = ["Page", "Thumbnail", "collect_page", "render_page"]
 
 HeatmapLoader = Callable[[str], bytes | None]
+ImageLoader = Callable[[Mapping[str, Any]], bytes | None]
 
 THUMBNAIL_PX: Final = 224
 MAX_TABLE_ROWS: Final = 500
@@ -89,12 +96,42 @@ def _thumbnail_png(data: bytes, size: int = THUMBNAIL_PX) -> bytes | None:
         return None
 
 
+def _thumbnail_of(
+    record: Mapping[str, Any],
+    size: int,
+    load_image: ImageLoader | None,
+    load_heatmap: HeatmapLoader | None,
+) -> bytes | None:
+    """The thumbnail PNG of one top anomaly, or None when there is nothing to show.
+
+    A stored map is drawn over the original image (``size``: the model's input side); without the
+    original, the overlay object is used if ``heatmap_format=overlay`` also wrote one, else the coloured
+    map alone (still where and how strongly). A row without a map shows its overlay object, as before maps.
+    """
+    stored = record_map(record)
+    old = record["heatmap_key"]
+    if stored is None:
+        raw = load_heatmap(old) if load_heatmap and old else None
+        return _thumbnail_png(raw) if raw else None
+    original = load_image(record) if load_image else None
+    rendered = render_map(
+        stored, threshold=float(record["threshold"]), size=size, original=original, name=record["key"]
+    )
+    if not rendered.over_image and load_heatmap and old:
+        raw = load_heatmap(old)
+        thumbnail = _thumbnail_png(raw) if raw else None
+        if thumbnail is not None:
+            return thumbnail
+    return _thumbnail_png(rendered.png)
+
+
 def collect_page(
     connection: Connection,
     filters: ReportFilters | None = None,
     *,
     reports: Sequence[str] | None = None,
     load_heatmap: HeatmapLoader | None = None,
+    load_image: ImageLoader | None = None,
     top_n: int = 8,
     title: str = "waferwatch defect report",
     now: datetime | None = None,
@@ -102,6 +139,7 @@ def collect_page(
     """Query everything the page needs. ``reports`` are the tables to include (default: all).
 
     Filters a report cannot apply are dropped for that report only (the page shows which applied).
+    Thumbnails: see :func:`_thumbnail_of` (``load_image`` and ``load_heatmap`` may be None: no storage).
     """
     filters = filters or ReportFilters()
     tables: list[ReportResult] = []
@@ -113,8 +151,9 @@ def collect_page(
     daily = run_report(connection, "defects-daily", filters)
     histograms = score_histograms(connection, filters)
     thumbnails: list[Thumbnail] = []
-    for record in top_anomalies(connection, filters, limit=top_n).records():
-        raw = load_heatmap(record["heatmap_key"]) if load_heatmap and record["heatmap_key"] else None
+    records = top_anomalies(connection, filters, limit=top_n).records()
+    sizes = input_sizes(connection, [record["model_version"] for record in records if record_map(record)])
+    for record in records:
         thumbnails.append(
             Thumbnail(
                 key=record["key"],
@@ -124,7 +163,9 @@ def collect_page(
                 wafer=record["wafer"],
                 tool=record["tool"],
                 model_version=record["model_version"],
-                png=_thumbnail_png(raw) if raw else None,
+                png=_thumbnail_of(
+                    record, sizes.get(record["model_version"], DEFAULT_INPUT_SIZE), load_image, load_heatmap
+                ),
             )
         )
     registry = collect_registry(connection)

@@ -355,7 +355,13 @@ def run_report(
 
 
 def top_anomalies(connection: Connection, filters: ReportFilters | None = None, *, limit: int = 8) -> ReportResult:
-    """The highest-scoring anomalous images (latest inference each), for thumbnails in the HTML page."""
+    """The highest-scoring anomalous images (latest inference each), for thumbnails in the HTML page.
+
+    Besides the view's columns, each row carries what drawing its overlay needs: the stored anomaly map
+    (``anomaly_map_png``, ``_low``, ``_high``; NULL for rows scored before maps were stored, which have
+    ``heatmap_key`` instead) and the scored object version (``bucket``, ``version_id``, ``etag``). The view
+    predates the map columns, so the few chosen rows are joined back to their inference and image.
+    """
     spec = REPORTS["latest-inference"]
     filters = filters or ReportFilters()
     clauses, params = _where(spec, filters, connection.dialect.name)
@@ -363,8 +369,14 @@ def top_anomalies(connection: Connection, filters: ReportFilters | None = None, 
     params["anomalous"] = True
     params["limit"] = limit
     sql = (
-        "SELECT image_id, key, lot, wafer, tool, model_version, score, threshold, heatmap_key, scored_at "
-        f"FROM {spec.view} WHERE {' AND '.join(clauses)} ORDER BY score DESC, image_id LIMIT :limit"
+        "SELECT best.image_id, best.key, best.lot, best.wafer, best.tool, best.model_version, best.score, "
+        "best.threshold, best.heatmap_key, best.scored_at, best.bucket, img.version_id, img.etag, "
+        "inf.anomaly_map_png, inf.anomaly_map_low, inf.anomaly_map_high "
+        "FROM (SELECT image_id, inference_id, bucket, key, lot, wafer, tool, model_version, score, threshold, "
+        f"heatmap_key, scored_at FROM {spec.view} WHERE {' AND '.join(clauses)} "
+        "ORDER BY score DESC, image_id LIMIT :limit) AS best "
+        "JOIN inferences AS inf ON inf.id = best.inference_id JOIN images AS img ON img.id = best.image_id "
+        "ORDER BY best.score DESC, best.image_id"
     )
     result = connection.execute(text(sql), params)
     columns = list(result.keys())

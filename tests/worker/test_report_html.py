@@ -6,18 +6,24 @@ binary is missing, unless ``WAFERWATCH_TEST_REQUIRE_CHROMIUM=1`` (set in CI) mak
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageStat
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session, sessionmaker
 
+from models.heatmap import encode_map, scale_width
+from worker.db import session_scope
 from worker.report_html import collect_page, render_page
 from worker.reports import ReportFilters, parse_time
+from worker.schema import Inference
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -120,6 +126,63 @@ def test_missing_heatmaps_and_bad_bytes(db_engine: Engine, report_history) -> No
         page = collect_page(connection, load_heatmap=broken.get, top_n=2)
     assert [thumb.png for thumb in page.thumbnails] == [None, None]
     assert render_page(page).count("no heatmap stored") == 2
+
+
+def _store_map_only(session_factory: sessionmaker[Session], image_id: int) -> None:
+    """Turn one anomalous row into what the worker writes since 0007: a stored map, no overlay object."""
+    values = np.full((224, 224), 0.1, dtype=np.float32)
+    values[20:80, 120:200] = 1.5  # hot: 2.5× mv-2's threshold of 0.6
+    stored = encode_map(values)
+    with session_scope(session_factory) as session:
+        session.execute(
+            update(Inference)
+            .where(Inference.image_id == image_id, Inference.model_version == "mv-2")
+            .values(
+                heatmap_key=None,
+                anomaly_map_png=stored.png,
+                anomaly_map_low=stored.low,
+                anomaly_map_high=stored.high,
+            )
+        )
+
+
+def test_a_row_with_only_a_stored_map_gets_a_thumbnail(
+    db_engine: Engine, session_factory: sessionmaker[Session], report_history
+) -> None:
+    d1 = report_history.image_ids["d1"]
+    _store_map_only(session_factory, d1)
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 300), (128, 128, 128)).save(buffer, format="PNG")
+    photo = buffer.getvalue()
+    asked: list[dict] = []
+
+    def load_image(record) -> bytes | None:
+        asked.append(dict(record))
+        return photo
+
+    with db_engine.connect() as connection:
+        drawn = collect_page(connection, load_heatmap=report_history.heatmaps.get, load_image=load_image, top_n=2)
+        alone = collect_page(connection, load_heatmap=report_history.heatmaps.get, top_n=2)  # original unavailable
+
+    # Only the row with a map asks for its original image, at the version that was scored.
+    assert [(r["image_id"], r["bucket"], r["key"]) for r in asked] == [(d1, "fab", "incoming/T2/L3/W7/d1.png")]
+    assert asked[0]["version_id"] is None and asked[0]["anomaly_map_png"] is not None
+    by_key = {thumb.key: thumb for thumb in drawn.thumbnails}
+    over_photo = by_key["incoming/T2/L3/W7/d1.png"].png
+    map_alone = {thumb.key: thumb for thumb in alone.thumbnails}["incoming/T2/L3/W7/d1.png"].png
+    assert over_photo is not None and map_alone is not None
+    assert by_key["incoming/T1/L1/W1/a4.png"].png is not None  # the old row keeps its overlay object
+    with Image.open(io.BytesIO(over_photo)) as image:
+        assert image.width <= 224 and image.height <= 224
+        rgb = image.convert("RGB")
+        scale = image.width / (224 + scale_width(224))  # the overlay with its colour bar, shrunk to fit
+        nominal = rgb.getpixel((round(40 * scale), round(180 * scale)))
+        hot = rgb.getpixel((round(160 * scale), round(50 * scale)))
+    assert max(abs(channel - 128) for channel in nominal) <= 2  # the photo where the map is nominal
+    assert hot[0] > 180 and hot[2] < hot[0] - 40  # the hot colour where the map exceeds the threshold
+    with Image.open(io.BytesIO(map_alone)) as image:
+        assert sum(image.convert("RGB").getpixel((round(40 * scale), round(180 * scale)))) < 30  # no photo
+    assert render_page(drawn).count('<img src="data:image/png;base64,') == 2
 
 
 def test_cli_writes_the_html_page(db_engine: Engine, report_history, tmp_path: Path) -> None:

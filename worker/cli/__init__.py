@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from worker.cli import db_cmds as _db_cmds  # noqa: F401  (registers config/db)
 from worker.cli import doctor_cmds as _doctor_cmds  # noqa: F401  (registers doctor)
+from worker.cli import heatmap_cmds as _heatmap_cmds  # noqa: F401  (registers heatmap)
 from worker.cli import ingest_cmds as _ingest_cmds  # noqa: F401  (registers ingest/reconcile)
 from worker.cli import model_cmds as _model_cmds  # noqa: F401  (registers train/score/evaluate/dacon)
 from worker.cli import model_cmds_registry as _registry_cmds  # noqa: F401  (label/models/retrain/beat/rescore)

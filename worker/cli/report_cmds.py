@@ -8,6 +8,7 @@ the shared stderr console.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -84,28 +85,48 @@ def _filters(since: str | None, until: str | None, lot: str | None, tool: str | 
         raise typer.BadParameter(str(exc)) from exc
 
 
-def _heatmap_loader(settings: Settings) -> Any:
-    """``load_heatmap(key) -> bytes | None`` over the configured storage; errors become None."""
-    from worker.storage import make_store
+def _storage_loaders(settings: Settings) -> tuple[Any, Any]:
+    """``load_heatmap(key)`` and ``load_image(record)`` over the configured storage, for the page's
+    thumbnails; both give None on any error, with a warning (a missing picture must not stop the report;
+    the page says so). One store per bucket, built on first use, one attempt per object."""
+    from worker.cli.heatmap_cmds import MAX_OVERLAY_BYTES, make_store_for
+    from worker.overlays import read_object
+    from worker.storage import ObjectStore
 
-    def load(key: str) -> bytes | None:
+    stores: dict[str | None, ObjectStore] = {}
+
+    def store(bucket: str | None) -> ObjectStore:
+        if bucket not in stores:
+            stores[bucket] = make_store_for(settings, bucket, max_attempts=1)
+        return stores[bucket]
+
+    def load_heatmap(key: str) -> bytes | None:
         try:
-            store = make_store(
-                settings.storage,
-                root=settings.storage_root,
-                endpoint_url=settings.s3_endpoint_url,
-                bucket=settings.s3_bucket,
-                region=settings.s3_region,
-                access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
-                secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
-                max_attempts=1,
-            )
-            return store.get(key, max_bytes=20 * 1024 * 1024).data
-        except Exception as exc:  # a missing heatmap must not stop the report; the page says so
-            console.print(f"[yellow]heatmap {key!r} not loaded:[/yellow] {exc}")
-            return None
+            data, problem = read_object(store(None), key=key, max_bytes=MAX_OVERLAY_BYTES, what="the overlay")
+        except Exception as exc:  # a store that cannot even be built (settings): same as unreadable
+            data, problem = None, f"{type(exc).__name__}: {exc}"
+        if data is None:
+            console.print(f"[yellow]heatmap {key!r} not loaded:[/yellow] {problem}")
+        return data
 
-    return load
+    def load_image(record: Mapping[str, Any]) -> bytes | None:
+        try:
+            data, problem = read_object(
+                store(record.get("bucket")),
+                key=record["key"],
+                max_bytes=settings.max_object_bytes,
+                version_id=record.get("version_id"),
+                etag=record.get("etag"),
+            )
+        except Exception as exc:  # as above
+            data, problem = None, f"{type(exc).__name__}: {exc}"
+        if data is None:
+            console.print(
+                f"[yellow]image {record['key']!r} not loaded, its thumbnail is drawn without it:[/yellow] {problem}"
+            )
+        return data
+
+    return load_heatmap, load_image
 
 
 def _table(result: ReportResult) -> Table:
@@ -204,7 +225,10 @@ def _run_named(
             if output_format is ReportFormat.HTML:
                 from worker.report_html import collect_page, render_page
 
-                page = collect_page(connection, filters, reports=names, load_heatmap=_heatmap_loader(settings))
+                load_heatmap, load_image = _storage_loaders(settings)
+                page = collect_page(
+                    connection, filters, reports=names, load_heatmap=load_heatmap, load_image=load_image
+                )
                 document = render_page(page)
                 target = out or Path(f"waferwatch-{'report' if every else names[0]}.html")
                 target.write_text(document, encoding="utf-8")
