@@ -131,6 +131,25 @@ def test_s3_store_missing_bucket_is_transient(s3_endpoint: str) -> None:
         S3Store(client, "never-created").get("a.png", max_bytes=10)
 
 
+def test_s3_requests_carry_no_flexible_checksum_headers(s3_endpoint: str) -> None:
+    """Neither the PUT nor the GET asks for a CRC (headers older MinIO/Ceph refuse; CPU the worker spends
+    per image); the bytes still round-trip and are hashed by the worker itself."""
+    client = make_s3_client(endpoint_url=s3_endpoint, region="us-east-1", access_key="t", secret_key="t")
+    bucket = f"checksums-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    sent: list[dict[str, str]] = []
+    client.meta.events.register("before-send.s3.*", lambda request, **_: sent.append(dict(request.headers)))
+    store = S3Store(client, bucket)
+
+    store.put("a.png", b"x" * 1000)
+    assert store.get("a.png", max_bytes=10_000).data == b"x" * 1000
+
+    assert len(sent) == 2
+    for headers in sent:
+        assert not [name for name in headers if name.lower().startswith("x-amz-checksum")], headers
+        assert headers.get("x-amz-checksum-mode") is None
+
+
 def test_folder_store_ignores_temp_and_hidden_files(tmp_path: Path) -> None:
     store = FolderStore(tmp_path)
     store.put("ok.png", PNG_BYTES)
