@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,6 +76,10 @@ from worker.storage import ObjectInfo, ObjectStore
 __all__ = ["BatchResult", "ScoringOptions", "heatmap_key", "heatmap_png", "record_gave_up", "score_batch"]
 
 logger = logging.getLogger(__name__)
+
+#: One model call at a time per process: with several batches in flight (the ``threads`` pool of a GPU
+#: worker) the others fetch, decode and write meanwhile, and GPU memory holds one batch's activations.
+_MODEL_TURN = threading.Lock()
 
 #: Statuses after which an image is never picked up again by a plain redelivery.
 _FINAL_STATUSES = ("failed", "skipped", "superseded")
@@ -385,12 +390,13 @@ def _record_permanent(
 def _score(
     fetched: list[_Fetched], loaded: LoadedModel, options: ScoringOptions, result: BatchResult
 ) -> list[ImageScore]:
-    begin, cpu_begin = time.perf_counter(), time.thread_time()
-    scores = loaded.ensemble.score_images(
-        [item.image for item in fetched],
-        [str(item.work.image_id) for item in fetched],
-        with_maps=options.heatmaps != "none",
-    )
+    with _MODEL_TURN:  # batches in flight in one process (the GPU default) take turns at the model
+        begin, cpu_begin = time.perf_counter(), time.thread_time()
+        scores = loaded.ensemble.score_images(
+            [item.image for item in fetched],
+            [str(item.work.image_id) for item in fetched],
+            with_maps=options.heatmaps != "none",
+        )
     model_s = time.perf_counter() - begin
     _add_seconds(result, "model", model_s)
     _add_cpu(result, "model", time.thread_time() - cpu_begin)  # the caller's thread; torch's own threads are not in it

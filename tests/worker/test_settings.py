@@ -232,8 +232,9 @@ def test_custom_regex_returns_only_non_empty_groups() -> None:
         ("cpu", "score", 1, ("prefork", 1), None),
         ("cpu", "train", 16, ("prefork", 1), None),  # a build gets every core
         ("cpu", "score,train", 16, ("prefork", 1), None),
-        ("cuda", "score", 16, ("solo", 1), None),  # nothing forked after CUDA is initialised
-        ("cuda:1", "score", 16, ("solo", 1), None),
+        ("cuda", "score", 16, ("threads", 2), None),  # nothing forked after CUDA; two batches in flight
+        ("cuda:1", "score", 16, ("threads", 2), None),
+        ("cuda", "score,train", 16, ("solo", 1), None),  # never two builds at once
     ],
 )
 def test_worker_pool_defaults(device, queues, cores, expected, threads):

@@ -3,9 +3,13 @@
 Pool choice for ``worker`` (override with ``--pool``/``--concurrency``; ``WAFERWATCH_CPU_THREADS`` sets
 the threads of each process):
 
-* GPU present (``device`` cuda, or auto with CUDA available): ``solo``. The CUDA context and the model
-  live in the one worker process; nothing is forked after CUDA is initialised. Scale with one worker
-  process per GPU (``CUDA_VISIBLE_DEVICES``), each scoring one batch at a time.
+* GPU present (``device`` cuda, or auto with CUDA available): ``threads`` with
+  :data:`GPU_BATCHES_IN_FLIGHT` (2) batches in flight. The CUDA context and the model live in the one
+  worker process (nothing is forked after CUDA is initialised); model calls take turns (a lock in
+  :mod:`worker.scoring`), so while one batch is on the GPU the other is fetched, decoded and written:
+  on a GPU the model takes well under a millisecond per image and that CPU work decides the rate. Scale
+  with one worker process per GPU (``CUDA_VISIBLE_DEVICES``). A worker that also builds (``train`` in
+  ``--queues``) stays ``solo``: builds must not run two at a time.
 * CPU, scoring: ``prefork`` with one process per core (at most :data:`MAX_CPU_SCORERS`), the cores split
   between them (torch and faiss threads). A scoring process spends a third of its time fetching, decoding
   and encoding heatmaps; with several processes another one's model fills that time, and one thread per
@@ -41,17 +45,22 @@ _DEFAULT_QUEUES = "score,ingest"
 #: Most scoring processes a CPU worker starts by default (each holds a model in memory).
 MAX_CPU_SCORERS = 4
 
+#: Batches a GPU worker holds at once: one on the GPU, one being fetched, decoded or written.
+GPU_BATCHES_IN_FLIGHT = 2
+
 
 def default_pool(device: str, queues: str = _DEFAULT_QUEUES, *, cores: int | None = None) -> tuple[str, int]:
     """``(pool, concurrency)`` for ``device`` and the consumed ``queues`` (see the module docstring)."""
+    training = "train" in queues.split(",")
+    gpu = ("solo", 1) if training else ("threads", GPU_BATCHES_IN_FLIGHT)
     if device.startswith("cuda"):
-        return "solo", 1
+        return gpu
     if device == "auto":
         import torch
 
         if torch.cuda.is_available():
-            return "solo", 1
-    if "train" in queues.split(","):
+            return gpu
+    if training:
         return "prefork", 1
     return "prefork", max(1, min(cores or _cores(), MAX_CPU_SCORERS))
 
