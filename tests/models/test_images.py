@@ -99,3 +99,22 @@ def test_to_tensor_shape_and_normalisation():
     tensor = to_tensor(Image.new("RGB", (50, 70), (255, 0, 128)), image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
     assert torch.allclose(tensor[0], torch.ones(32, 32)) and torch.allclose(tensor[1], -torch.ones(32, 32))
+
+
+def test_to_batch_normalises_exactly_as_the_float_formula() -> None:
+    """The fast path (channels first on uint8, in-place float ops) gives the bits of the plain formula
+    ``(x / (255 σ)) - μ / σ`` on the strided float view, so scores do not move by a last bit."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from models.images import IMAGENET_MEAN, IMAGENET_STD, to_batch
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    batch = to_batch(images, image_size=64)
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD]).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]).view(1, 3, 1, 1)
+    assert batch.is_contiguous() and batch.dtype == torch.float32
+    assert torch.equal(batch, pixels * scale - shift)
