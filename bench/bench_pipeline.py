@@ -154,11 +154,11 @@ def _model_alone_processes(
 STAGES = ("fetch", "hash", "decode", "resize", "model", "heatmap", "overlay", "database")
 
 
-def _batch_cpu(log: Path, offset: int) -> tuple[dict[str, float], int]:
+def _batch_cpu(log: Path, offset: int) -> tuple[dict[str, float], list[int]]:
     """CPU seconds per stage summed over the ``score_batch`` log lines after byte ``offset``, and the
-    number of images those batches scored."""
+    number of images each of those batches scored."""
     totals: dict[str, float] = {}
-    scored = 0
+    scored: list[int] = []
     with log.open("rb") as handle:
         handle.seek(offset)
         for raw in handle:
@@ -166,7 +166,7 @@ def _batch_cpu(log: Path, offset: int) -> tuple[dict[str, float], int]:
             if "score_batch {" not in line:
                 continue
             record = json.loads(line.split("score_batch ", 1)[1])
-            scored += len(record.get("scored", []))
+            scored.append(len(record.get("scored", [])))
             for stage, seconds in record.get("cpu", {}).items():
                 totals[stage] = totals.get(stage, 0.0) + seconds
     return totals, scored
@@ -183,6 +183,7 @@ class Run:
     stage_cpu_s: dict[str, float]
     ingest_cpu_s: float
     ledger: str
+    batches: list[int]
 
     @property
     def rate(self) -> float:
@@ -203,7 +204,9 @@ class Run:
             f"{stage} {self.per_image_ms(self.stage_cpu_s[stage]):.2f}" for stage in STAGES if stage in self.stage_cpu_s
         ]
         other = self.per_image_ms(self.worker_cpu_s - staged)
+        sizes = f"{len(self.batches)} batches, {self.images / max(1, len(self.batches)):.1f} images each"
         return [
+            f"  {sizes}",
             f"  worker CPU per image (ms): {', '.join(parts)}, Celery + leases + rest {other:.2f}",
             f"  worker CPU outside the model: {self.outside_model_ms:.2f} ms/image; "
             f"ingest (registration + enqueue + SQS client): {self.per_image_ms(self.ingest_cpu_s):.2f} ms/image",
@@ -395,9 +398,8 @@ def main() -> None:
             _wait_rows(session_factory, "incoming/live/", n, 600)
             live_s = time.perf_counter() - started
             spent = ledger.spent()
-            live = Run(
-                "live", n, live_s, spent[0]["worker"], _batch_cpu(worker_log, offset)[0], 0.0, ledger.report(spent)
-            )
+            stages, batches = _batch_cpu(worker_log, offset)
+            live = Run("live", n, live_s, spent[0]["worker"], stages, 0.0, ledger.report(spent), batches)
         stop.set()
         ingest.join(timeout=15)
 
@@ -416,10 +418,9 @@ def main() -> None:
             spent = ledger.spent()
             stop.set()
             thread.join(timeout=15)
-            stages, _ = _batch_cpu(worker_log, offset)
-            return Run(
-                name, n, seconds, spent[0]["worker"], stages, ingest_cpu[0] if ingest_cpu else 0.0, ledger.report(spent)
-            )
+            stages, batches = _batch_cpu(worker_log, offset)
+            ingest_s = ingest_cpu[0] if ingest_cpu else 0.0
+            return Run(name, n, seconds, spent[0]["worker"], stages, ingest_s, ledger.report(spent), batches)
 
         runs = [backlog("backlog", batch_payloads, ".png")]
         if jpegs:

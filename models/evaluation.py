@@ -113,7 +113,7 @@ def evaluate_ensemble(
     batch = ensemble.config.batch_size
     for begin in range(0, len(refs), batch):
         chunk = refs[begin : begin + batch]
-        images = [load_image_file(ref.path, max_pixels=ensemble.config.max_image_pixels) for ref, _ in chunk]
+        images = [load_image_file(ref.path, max_pixels=ensemble.config.max_image_pixels, size=size) for ref, _ in chunk]
         results = ensemble.score_images(images, [ref.id for ref, _ in chunk], with_maps=masks is not None)
         scores.extend(results)
         if masks is not None:

@@ -161,7 +161,8 @@ def extract_features(
         for image_id in ordered[begin : begin + config.batch_size]:
             try:
                 data = _read_source(by_id[image_id])
-                image = decode_image(data, name=image_id, max_pixels=config.max_image_pixels)
+                # At the input size, exactly as the worker decodes what it scores (models.images).
+                image = decode_image(data, name=image_id, max_pixels=config.max_image_pixels, size=extractor.input_size)
             except (BadImageError, OSError) as exc:
                 logger.warning("training image %s left out: %s", image_id, exc)
                 skipped.append({"id": image_id, "reason": str(exc)})

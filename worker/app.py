@@ -136,6 +136,7 @@ class WorkerContext:
             max_object_bytes=self.settings.max_object_bytes,
             max_image_pixels=self.settings.max_image_pixels,
             fetch_threads=self.settings.fetch_threads,
+            model_chunk=self.settings.model_chunk,
         )
 
     def resources(self) -> WorkerContext:

@@ -226,6 +226,9 @@ class Settings(BaseSettings):
     model_check_interval_s: float = Field(0.0, ge=0)  # 0: look up the active version at every batch
     cpu_threads: int | None = Field(None, ge=1, le=1024)  # torch/faiss threads per scoring process (None: all)
     fetch_threads: int = Field(8, ge=1, le=128)  # parallel downloads and heatmap uploads within one batch
+    # Images per model call within a batch; None: 8 on a CPU (the model starts while the rest decode), the
+    # whole batch on a GPU.
+    model_chunk: int | None = Field(None, ge=1, le=1024)
 
     # --- task behaviour --------------------------------------------------------------------------
     task_max_attempts: int = Field(5, ge=1, le=100)  # attempts of the retraining tasks (scheduler/)

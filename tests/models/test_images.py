@@ -118,3 +118,57 @@ def test_to_batch_normalises_exactly_as_the_float_formula() -> None:
     shift = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]).view(1, 3, 1, 1)
     assert batch.is_contiguous() and batch.dtype == torch.float32
     assert torch.equal(batch, pixels * scale - shift)
+
+
+def _big_jpeg(side: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    coarse = Image.fromarray(rng.integers(0, 256, (side // 32, side // 32, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    coarse.resize((side, side), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_a_quarter_scale_and_looks_like_the_full_decode() -> None:
+    """2048² → 224: the decoder's 1/4 scale (512², still twice the input), not 1/2 as before; the model
+    input stays within a few levels of resizing the full decode."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from models.images import load_pixels, resize_for_model
+
+    data = _big_jpeg(2048)
+    assert load_pixels(data, size=224).size == (512, 512)
+    assert load_pixels(data, size=500).size == (1024, 1024)  # 1/4 would leave less than twice 500
+    assert load_pixels(data, size=600).size == (2048, 2048)  # even 1/2 would
+    fast = np.asarray(decode_image(data, size=224), dtype=float)
+    with Image.open(io.BytesIO(data)) as full:
+        reference = np.asarray(resize_for_model(full.convert("RGB"), 224), dtype=float)
+    assert np.abs(fast - reference).mean() < 0.5
+    assert np.abs(fast - reference).max() <= 8
+
+
+def test_training_features_of_a_large_jpeg_are_those_the_worker_scores(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Training decodes at the model's input size too, so a large JPEG gives the model the very pixels
+    the worker will score (no train/serve difference from the decoder's reduced scale)."""
+    import torch
+
+    from models import PatchCoreConfig
+    from models.features import PatchFeatureExtractor
+    from models.training import extract_features
+
+    config = PatchCoreConfig(batch_size=2)
+    extractor = PatchFeatureExtractor(config, device="cpu")
+    data = _big_jpeg(2048)
+    path = tmp_path / "big.jpg"
+    path.write_bytes(data)
+    features = extract_features(["big"], [path], config, extractor=extractor)
+    served = extractor.embed([decode_image(data, size=extractor.input_size)])
+    expected = served.reshape(1, -1, served.shape[-1]).half().numpy()
+    assert torch.equal(torch.from_numpy(features.features), torch.from_numpy(expected))

@@ -395,7 +395,9 @@ def score(
             good_refs, images = [], []
             for ref in refs[begin : begin + batch]:
                 try:
-                    images.append(load_image_file(ref.path, max_pixels=ensemble.config.max_image_pixels))
+                    images.append(
+                        load_image_file(ref.path, max_pixels=ensemble.config.max_image_pixels, size=ensemble.input_size)
+                    )
                     good_refs.append(ref)
                 except BadImageError as exc:
                     rows.append({"id": ref.id, "path": str(ref.path), "error": exc.reason})
@@ -607,7 +609,9 @@ def dacon(
     with progress_bar() as report:
         for begin in range(0, len(test_refs), config.batch_size):
             chunk = test_refs[begin : begin + config.batch_size]
-            images = [load_image_file(r.path, max_pixels=config.max_image_pixels) for r in chunk]
+            images = [
+                load_image_file(r.path, max_pixels=config.max_image_pixels, size=ensemble.input_size) for r in chunk
+            ]
             for result in ensemble.score_images(images, [r.id for r in chunk], with_maps=False):
                 results[result.id] = result
             report("score", min(begin + config.batch_size, len(test_refs)), len(test_refs))
