@@ -38,6 +38,8 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -251,6 +253,7 @@ def _arguments() -> argparse.Namespace:
         help="moto, ingest, PostgreSQL and Redis (private instances) on the first core, one worker process of "
         "one thread on the second, the model alone on that core too; backlog runs only",
     )
+    parser.add_argument("--model-chunk", type=int, default=None, help="the worker's model_chunk (default: its own)")
     parser.add_argument(
         "--jpeg-size", type=int, default=2048, help="also run a backlog of JPEGs this many pixels square (0: skip)"
     )
@@ -259,6 +262,8 @@ def _arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = _arguments()
+    # SIGTERM (timeout, kill) runs the clean-up below: the worker, moto and the private servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data = DATASETS / "dacon-semiconductor"
     train = sorted(read_image_csv(data / "train.csv"), key=lambda r: r.id)[: args.train]
     tests = sorted(read_image_csv(data / "test.csv"), key=lambda r: r.id)
@@ -338,6 +343,8 @@ def main() -> None:
             "batch_size": "32",
             "batch_wait_ms": "500",
         }
+        if args.model_chunk:
+            values["model_chunk"] = str(args.model_chunk)
         settings = Settings(**values)  # type: ignore[arg-type]
         engine = make_engine(url)
         session_factory = make_session_factory(engine)
@@ -507,6 +514,7 @@ def main() -> None:
             connection.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         for server in servers:
             server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -127,12 +127,14 @@ class PinnedPostgres:
         return self
 
     def stop(self) -> None:
+        """Stop the cluster at once and delete its folder (it holds nothing worth keeping)."""
         subprocess.run(
             [self.binary("pg_ctl"), "-D", str(self.workdir / "pgdata"), "-m", "immediate", "-w", "stop"],
             check=False,
             capture_output=True,
             **self._as_postgres(),
         )
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _as_postgres(self) -> dict[str, object]:
         """initdb refuses to run as root: the server tools run as the ``postgres`` user when we are root."""
