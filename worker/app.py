@@ -66,16 +66,18 @@ INGEST_QUEUE: Final = "ingest"
 QUEUES: Final = (SCORE_QUEUE, TRAIN_QUEUE, INGEST_QUEUE)
 
 
-def make_store_from_settings(settings: Settings) -> ObjectStore:
-    """The configured bucket (S3) or folder (the embedded default)."""
+def make_store_from_settings(settings: Settings, *, bucket: str | None = None, max_attempts: int = 3) -> ObjectStore:
+    """The configured bucket (S3) or folder (the embedded default); on S3 in ``bucket`` when given (an
+    image row's own: rows say where their bytes are). A folder store's bucket is only a label."""
     return make_store(
         settings.storage,
         root=settings.storage_root,
         endpoint_url=settings.s3_endpoint_url,
-        bucket=settings.s3_bucket if settings.storage == "s3" else None,
+        bucket=(bucket or settings.s3_bucket) if settings.storage == "s3" else None,
         region=settings.s3_region,
         access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
         secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
+        max_attempts=max_attempts,
     )
 
 

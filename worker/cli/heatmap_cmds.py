@@ -10,16 +10,12 @@ command: 0 a file was written, 1 nothing could be (unknown key, not scored, noth
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 
 from worker.cli.root import app, console
-from worker.settings import Settings, get_settings, mask_url
-
-if TYPE_CHECKING:
-    from worker.storage import ObjectStore  # boto3: imported only when a command needs storage
+from worker.settings import get_settings, mask_url
 
 #: The largest old overlay object copied (they are about 75 kB; anything far larger is not one).
 MAX_OVERLAY_BYTES = 20 * 1024 * 1024
@@ -29,23 +25,6 @@ def _fail(message: str) -> typer.Exit:
     """Print ``message`` as the one error line and return the exit to raise (code 1)."""
     console.print(f"[red]error:[/red] {message}", soft_wrap=True)
     return typer.Exit(1)
-
-
-def make_store_for(settings: Settings, bucket: str | None, *, max_attempts: int = 3) -> ObjectStore:
-    """The configured storage; on S3 in ``bucket`` when given (an image row's own: rows say where their
-    bytes are), else the configured bucket. A folder store's bucket is only a label, so it is ignored."""
-    from worker.storage import make_store
-
-    return make_store(
-        settings.storage,
-        root=settings.storage_root,
-        endpoint_url=settings.s3_endpoint_url,
-        bucket=(bucket or settings.s3_bucket) if settings.storage == "s3" else None,
-        region=settings.s3_region,
-        access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
-        secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
-        max_attempts=max_attempts,
-    )
 
 
 def _write(out: Path, png: bytes) -> None:
@@ -125,7 +104,9 @@ def heatmap(
         engine.dispose()
 
     bucket, image_key, version_id, etag = where
-    store = make_store_for(settings, bucket)
+    from worker.app import make_store_from_settings
+
+    store = make_store_from_settings(settings, bucket=bucket)
     what = f"{shown} by model version {escape(version)} (threshold {threshold:.4g})"
     if stored is None:
         if not heatmap_key:

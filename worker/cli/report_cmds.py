@@ -89,7 +89,8 @@ def _storage_loaders(settings: Settings) -> tuple[Any, Any]:
     """``load_heatmap(key)`` and ``load_image(record)`` over the configured storage, for the page's
     thumbnails; both give None on any error, with a warning (a missing picture must not stop the report;
     the page says so). One store per bucket, built on first use, one attempt per object."""
-    from worker.cli.heatmap_cmds import MAX_OVERLAY_BYTES, make_store_for
+    from worker.app import make_store_from_settings
+    from worker.cli.heatmap_cmds import MAX_OVERLAY_BYTES
     from worker.overlays import read_object
     from worker.storage import ObjectStore
 
@@ -97,7 +98,7 @@ def _storage_loaders(settings: Settings) -> tuple[Any, Any]:
 
     def store(bucket: str | None) -> ObjectStore:
         if bucket not in stores:
-            stores[bucket] = make_store_for(settings, bucket, max_attempts=1)
+            stores[bucket] = make_store_from_settings(settings, bucket=bucket, max_attempts=1)
         return stores[bucket]
 
     def load_heatmap(key: str) -> bytes | None:
