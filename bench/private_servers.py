@@ -2,8 +2,9 @@
 
 The pinned pipeline benchmark puts every server on one core and the worker on another, so the shared
 127.0.0.1:5432 / :6379 instances (which tests and other sessions use) are never re-pinned: these are
-throw-away ones on free ports. The recovery tests have their own pytest-flavoured versions
-(``tests/faults/processes.py``); these fail with a plain exception instead of a test outcome.
+throw-away ones on free ports. The recovery tests (``tests/faults/processes.py``) build their restartable
+servers from the same pieces (:func:`free_port`, :func:`redis_answers`, :func:`postgres_binary`,
+:func:`as_postgres_user`); these fail with a plain exception instead of a test outcome.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["PinnedPostgres", "PinnedRedis", "free_port", "pin_process_tree"]
+__all__ = [
+    "PinnedPostgres",
+    "PinnedRedis",
+    "as_postgres_user",
+    "free_port",
+    "pin_process_tree",
+    "postgres_binary",
+    "redis_answers",
+]
 
 
 def free_port() -> int:
@@ -40,6 +49,36 @@ def pin_process_tree(pid: int, cores: set[int]) -> int:
         except (psutil.NoSuchProcess, ProcessLookupError):
             continue
     return pinned
+
+
+def redis_answers(port: int) -> bool:
+    """Whether a Redis server on 127.0.0.1:``port`` answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def postgres_binary(name: str) -> str | None:
+    """``initdb``, ``pg_ctl``…: on PATH, else in Debian's /usr/lib/postgresql/<version>/bin; None if absent."""
+    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
+    return None if found is None else str(found)
+
+
+def as_postgres_user(*paths: Path) -> dict[str, object]:
+    """``subprocess`` arguments that run the PostgreSQL tools as the ``postgres`` user when we are root
+    (initdb refuses root), owning ``paths`` that exist; nothing otherwise."""
+    if os.geteuid() != 0:
+        return {}
+    import pwd
+
+    user = pwd.getpwnam("postgres")
+    for path in paths:
+        if path.exists():
+            shutil.chown(path, user.pw_uid, user.pw_gid)
+    return {"user": user.pw_uid, "group": user.pw_gid, "cwd": paths[0]}
 
 
 def _on(cores: set[int]) -> Callable[[], None]:
@@ -72,16 +111,8 @@ class PinnedRedis:
             self.process = subprocess.Popen(
                 command, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_on(self.cores)
             )
-        _wait(self._answers, 15, f"redis-server on port {self.port} (log: {self.workdir / 'redis.log'})")
+        _wait(lambda: redis_answers(self.port), 15, f"redis-server on port {self.port} (log: {self.workdir})")
         return self
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
-                connection.sendall(b"PING\r\n")
-                return connection.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -97,10 +128,10 @@ class PinnedPostgres:
 
     @staticmethod
     def binary(name: str) -> str:
-        found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
+        found = postgres_binary(name)
         if found is None:
             raise RuntimeError(f"{name} not found: the pinned benchmark starts a PostgreSQL cluster of its own")
-        return str(found)
+        return found
 
     @property
     def admin_url(self) -> str:
@@ -137,13 +168,4 @@ class PinnedPostgres:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _as_postgres(self) -> dict[str, object]:
-        """initdb refuses to run as root: the server tools run as the ``postgres`` user when we are root."""
-        if os.geteuid() != 0:
-            return {}
-        import pwd
-
-        user = pwd.getpwnam("postgres")
-        for path in (self.workdir, self.workdir / "pgdata"):
-            if path.exists():
-                shutil.chown(path, user.pw_uid, user.pw_gid)
-        return {"user": user.pw_uid, "group": user.pw_gid, "cwd": self.workdir}
+        return as_postgres_user(self.workdir, self.workdir / "pgdata")

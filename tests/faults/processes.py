@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from bench.private_servers import as_postgres_user, free_port, postgres_binary, redis_answers
 
 __all__ = [
     "PrivatePostgres",
@@ -33,12 +33,6 @@ __all__ = [
     "wait_for",
     "wait_log",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, *, interval_s: float = 0.25) -> bool:
@@ -74,16 +68,8 @@ class PrivateRedis:
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         with (self.workdir / "redis.log").open("ab") as log:
             self.process = subprocess.Popen(command, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
-        if not wait_for(self._answers, 15):
+        if not wait_for(lambda: redis_answers(self.port), 15):
             pytest.fail(f"private redis did not start:\n{(self.workdir / 'redis.log').read_text()[-2000:]}")
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
-                connection.sendall(b"PING\r\n")
-                return connection.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -100,10 +86,10 @@ class PrivatePostgres:
 
     @staticmethod
     def binary(name: str) -> str:
-        found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
+        found = postgres_binary(name)
         if found is None:
             pytest.skip(f"{name} not found: the PostgreSQL outage test needs a private cluster")
-        return str(found)
+        return found
 
     @property
     def data(self) -> Path:
@@ -151,16 +137,7 @@ class PrivatePostgres:
         )
 
     def _as_postgres(self) -> dict[str, object]:
-        """initdb refuses to run as root: run the server tools as the ``postgres`` user when we are root."""
-        if os.geteuid() != 0:
-            return {}
-        import pwd
-
-        user = pwd.getpwnam("postgres")
-        shutil.chown(self.workdir, user.pw_uid, user.pw_gid)
-        if self.data.exists():
-            shutil.chown(self.data, user.pw_uid, user.pw_gid)
-        return {"user": user.pw_uid, "group": user.pw_gid, "cwd": self.workdir}
+        return as_postgres_user(self.workdir, self.data)
 
 
 def start_waferwatch(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
