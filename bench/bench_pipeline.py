@@ -119,6 +119,9 @@ def _score_share(
     if cores:
         os.sched_setaffinity(0, cores)
     from models.threads import set_cpu_threads
+    from worker.decode_budget import return_large_buffers_to_the_os
+
+    return_large_buffers_to_the_os()  # the worker's allocator settings: the model at its own best, as there
 
     set_cpu_threads(threads)
     ensemble = FoldEnsemble.load(model_dir, device=device)

@@ -287,10 +287,15 @@ def _on_worker_process_init(**_: Any) -> None:
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Main worker process: it exports metrics with a solo or threads pool (it is the scoring process) and in
-    multiprocess mode (it serves the sum over its prefork children)."""
+    """Main worker process: it sets the allocator (:mod:`worker.decode_budget`), and exports metrics with a
+    solo or threads pool (it is the scoring process) and in multiprocess mode (it serves the sum over its
+    prefork children)."""
     context = _current_context()
     pool = str(getattr(sender, "pool_cls", "")).lower()
+    if context is not None:  # before the pool forks: builds and scoring alike keep their memory mapped
+        from worker.decode_budget import return_large_buffers_to_the_os
+
+        return_large_buffers_to_the_os()
     if context is not None and ("solo" in pool or "thread" in pool or metrics.multiprocess_mode()):
         metrics.start_metrics_server(context.settings.metrics_port)
     if context is not None and ("solo" in pool or "thread" in pool):  # prefork enforces the limit itself
