@@ -39,7 +39,9 @@ def _celery_main_process(worker_pid: int) -> int:
 def test_worker_comes_back_after_redis_restart_and_its_lost_batch_is_redriven(
     rig: Rig, redis_server: PrivateRedis, dacon_test_images: list[Path]
 ) -> None:
-    before, during = rig.register(dacon_test_images[:4], "before"), rig.register(dacon_test_images[4:12], "during")
+    # 60 images in one task: the worker scores 8 in 0.2 s, so a short batch could finish between two polls
+    # and never be seen in flight (the kill below is meant to lose it mid-batch).
+    before, during = rig.register(dacon_test_images[:4], "before"), rig.register(dacon_test_images[4:64], "during")
     app = create_app(rig.settings(), set_as_current=False)
     log, beat_log = rig.workdir / "worker.log", rig.workdir / "beat.log"
     worker = start_waferwatch(rig.env, log, "worker", "--pool", "solo", "--queues", "score,ingest")
@@ -53,7 +55,8 @@ def test_worker_comes_back_after_redis_restart_and_its_lost_batch_is_redriven(
         make_enqueue(app)(during)
         with session_scope(rig.session_factory) as session:
             claimed = select(Image.id).where(Image.id.in_(during), Image.claimed_by.is_not(None))
-            assert wait_for(lambda: bool(session.scalars(claimed).all()), 30), "the batch was never claimed"
+            seen = wait_for(lambda: bool(session.scalars(claimed).all()), 30, interval_s=0.02)
+            assert seen, "the batch was never claimed"
         logged = len(log.read_text(errors="replace"))
         redis_server.kill()
         kill_pid(celery_pid)  # what kombu's AttributeError does to it in half of the runs
@@ -72,5 +75,5 @@ def test_worker_comes_back_after_redis_restart_and_its_lost_batch_is_redriven(
 
     assert worker.returncode == 0  # SIGTERM: a warm shutdown of the child, and the supervisor's own exit 0
     assert rig.statuses(before + during) == dict.fromkeys(before + during, ("scored", 1))
-    assert sorted(rig.end_state().values()) == [["scored"]] * 12
+    assert sorted(rig.end_state().values()) == [["scored"]] * 64
     assert "supervisor: worker exited with signal SIGKILL; restarting" in log.read_text(errors="replace")
