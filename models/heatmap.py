@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from models.images import resize_for_model
+
 #: The colour scale of every overlay, as multiples of the threshold: below LOW nothing is painted, the
 #: threshold sits at 60% of the bar, HIGH and above are the hottest colour.
 LOW, HIGH = 0.7, 1.2
@@ -128,6 +130,14 @@ class StoredMap:
     high: float
 
 
+def stored_map_of(png: bytes | None, low: float | None, high: float | None) -> StoredMap | None:
+    """A :class:`StoredMap` from its three stored columns; None when any is missing (rows scored without a
+    map, or before maps were stored)."""
+    if png is None or low is None or high is None:
+        return None
+    return StoredMap(bytes(png), float(low), float(high))
+
+
 def encode_map(anomaly_map: np.ndarray, *, size: int = STORED_MAP_SIZE) -> StoredMap:
     """The map shrunk to at most ``size``² (Lanczos) and quantised to 8 bits over its own range (0.2 ms)."""
     values = np.asarray(anomaly_map, dtype=np.float32)
@@ -160,6 +170,5 @@ def render_stored(image: Image.Image, stored: StoredMap, *, threshold: float, si
     """The overlay PNG of a stored map, as the worker drew it before maps were stored: the image at the
     model's input ``size``² (bilinear, as the model saw it), the map brought back to that size, the same
     colour scale (:func:`heatmap_png`)."""
-    if image.size != (size, size):
-        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    image = resize_for_model(image.convert("RGB"), size)
     return heatmap_png(image, decode_map(stored, size=(size, size)), threshold=threshold)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from models.config import PatchCoreConfig
 from models.errors import ModelError
-from models.heatmap import HIGH, LOW, StoredMap, add_colour_scale, colorize, decode_map, render_stored
+from models.heatmap import HIGH, LOW, StoredMap, add_colour_scale, colorize, decode_map, render_stored, stored_map_of
 from models.images import decode_image
 from worker.errors import ObjectMissingError, WaferwatchError
 from worker.schema import Image, Inference, ModelVersion
@@ -199,7 +199,4 @@ def versions_that_scored(session: Session, *, key: str) -> list[str]:
 
 def record_map(record: Mapping[str, Any]) -> StoredMap | None:
     """The stored map of a report record (the top-anomalies query's map columns), None without one."""
-    png, low, high = record.get("anomaly_map_png"), record.get("anomaly_map_low"), record.get("anomaly_map_high")
-    if png is None or low is None or high is None:
-        return None
-    return StoredMap(bytes(png), float(low), float(high))
+    return stored_map_of(record.get("anomaly_map_png"), record.get("anomaly_map_low"), record.get("anomaly_map_high"))

@@ -18,7 +18,7 @@ from sqlalchemy import Select, Table, and_, bindparam, case, func, select, tuple
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from models.heatmap import StoredMap
+from models.heatmap import StoredMap, stored_map_of
 from worker.errors import PermanentError
 from worker.schema import IMAGE_KINDS, MODEL_STATUSES, Failure, Image, Inference, ModelVersion, utcnow
 
@@ -444,38 +444,21 @@ def record_inference(
     """Store the score of one image by one model version; False if it was already stored.
 
     Idempotent on (image_id, model_version), so a redelivered task writes nothing new. The image is
-    marked ``scored`` either way (a conditional UPDATE: no write when it already is). ``timings`` may
+    marked ``scored`` either way (its ``status_changed_at`` kept when it already was). ``timings`` may
     hold ``download_ms``, ``decode_ms`` and ``model_ms``; ``anomaly_map`` is the stored map the overlay is
     drawn from on demand (:func:`models.heatmap.render_stored`).
     """
-    timings = timings or {}
-    unknown = set(timings) - set(_TIMING_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown timing fields {sorted(unknown)}; expected some of {_TIMING_FIELDS}")
-    statement = (
-        _insert(session, Inference.__table__)
-        .values(
-            image_id=image_id,
-            model_version=model_version,
-            score=float(score),
-            threshold=float(threshold),
-            is_anomalous=bool(is_anomalous),
-            fold_scores=[float(value) for value in fold_scores],
-            heatmap_key=heatmap_key,
-            **_map_columns(anomaly_map),
-            created_at=utcnow(),
-            **{name: (float(timings[name]) if name in timings else None) for name in _TIMING_FIELDS},
-        )
-        .on_conflict_do_nothing(index_elements=["image_id", "model_version"])
-        .returning(Inference.id)
+    row = InferenceRow(
+        image_id=image_id,
+        score=score,
+        threshold=threshold,
+        is_anomalous=is_anomalous,
+        fold_scores=fold_scores,
+        heatmap_key=heatmap_key,
+        anomaly_map=anomaly_map,
+        timings=timings or {},
     )
-    created = session.execute(statement).scalar_one_or_none() is not None
-    session.execute(
-        update(Image)
-        .where(Image.id == image_id, Image.status != "scored")
-        .values(status="scored", status_reason=None, status_changed_at=utcnow())
-    )
-    return created
+    return image_id in record_inferences(session, model_version=model_version, rows=[row])
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,7 +477,8 @@ class InferenceRow:
 
 
 def record_inferences(session: Session, *, model_version: str, rows: Sequence[InferenceRow]) -> set[int]:
-    """:func:`record_inference` and :func:`set_image_sha256` for a whole batch in two statements; returns
+    """:func:`record_inference` (its one-row case) and :func:`set_image_sha256` for a whole batch in two
+    statements; returns
     the image ids whose inference is new (the others were stored before: a redelivery writes nothing new).
 
     One multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING image_id`` and one ``UPDATE`` executed for
@@ -559,9 +543,7 @@ def _map_columns(anomaly_map: StoredMap | None) -> dict[str, Any]:
 
 def stored_map(inference: Inference) -> StoredMap | None:
     """The anomaly map stored with an inference row (None for rows scored before 0007, or without a map)."""
-    if inference.anomaly_map_png is None or inference.anomaly_map_low is None or inference.anomaly_map_high is None:
-        return None
-    return StoredMap(inference.anomaly_map_png, inference.anomaly_map_low, inference.anomaly_map_high)
+    return stored_map_of(inference.anomaly_map_png, inference.anomaly_map_low, inference.anomaly_map_high)
 
 
 def has_inference(session: Session, *, image_id: int, model_version: str) -> bool:

@@ -15,7 +15,7 @@ of this batch. The stages overlap, so the model is rarely kept waiting:
   ``<heatmap_prefix><version>/<key without incoming prefix and suffix>.<image id>.heatmap.png`` while the
   next chunk is scored;
 * once every overlay is written, all inferences (with their maps), statuses and content hashes of the
-  batch are written in one transaction of three set-based statements, so a row never points at a
+  batch are written in one transaction of two set-based statements, so a row never points at a
   missing overlay and the database costs a round trip per batch, not per image.
 
 Each stage's CPU time (the thread's own, ``time.thread_time``) is in ``BatchResult.cpu`` and the task's
