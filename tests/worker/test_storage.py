@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
+import dateutil.parser
 import pytest
+from botocore.utils import parse_timestamp
 
 from worker.errors import (
     BadObjectError,
@@ -17,7 +21,7 @@ from worker.errors import (
     StorageUnavailableError,
     TransientError,
 )
-from worker.storage import FolderStore, ObjectStore, S3Store, make_s3_client, make_store
+from worker.storage import FolderStore, ObjectStore, S3Store, make_s3_client, make_store, parse_s3_timestamp
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
@@ -148,6 +152,53 @@ def test_s3_requests_carry_no_flexible_checksum_headers(s3_endpoint: str) -> Non
     for headers in sent:
         assert not [name for name in headers if name.lower().startswith("x-amz-checksum")], headers
         assert headers.get("x-amz-checksum-mode") is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Sun, 06 Dec 2026 20:41:47 GMT",
+        "Mon, 01 Jan 2024 00:00:00 GMT",
+        "2026-12-06T20:41:47.000Z",
+        "2026-12-06T20:41:47.123456Z",
+        "2026-12-06T20:41:47+01:00",
+        "1700000000",
+        1700000000,
+    ],
+)
+def test_the_fast_timestamp_parser_agrees_with_botocores(value: str | int) -> None:
+    parsed = parse_s3_timestamp(value)
+
+    assert parsed == parse_timestamp(value)
+    assert parsed.utcoffset() is not None, "aware, as botocore's"
+
+
+def test_s3_clients_parse_timestamps_without_dateutil(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's client parses ``Last-Modified`` (a GET's header, RFC 1123) and a listing's ISO 8601 dates
+    with the standard library (botocore's dateutil parser costs 0.08 ms a GET); the values are botocore's."""
+    plain = boto3.client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="t", aws_secret_access_key="t"
+    )
+    bucket = f"times-{uuid.uuid4().hex[:8]}"
+    plain.create_bucket(Bucket=bucket)
+    plain.put_object(Bucket=bucket, Key="a.png", Body=PNG_BYTES)
+    expected_get = plain.get_object(Bucket=bucket, Key="a.png")["LastModified"]
+    expected_listed = plain.list_objects_v2(Bucket=bucket)["Contents"][0]["LastModified"]
+    ours = make_s3_client(endpoint_url=s3_endpoint, region="us-east-1", access_key="t", secret_key="t")
+
+    original, caller = dateutil.parser.parse, threading.get_ident()
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        if threading.get_ident() == caller:  # moto serves from threads of this process and uses dateutil
+            raise AssertionError("dateutil parsed a timestamp of the worker's client")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dateutil.parser, "parse", refuse)
+    got = ours.get_object(Bucket=bucket, Key="a.png")["LastModified"]
+    listed = ours.list_objects_v2(Bucket=bucket)["Contents"][0]["LastModified"]
+
+    assert got == expected_get and got.utcoffset() is not None
+    assert listed == expected_listed and listed.utcoffset() is not None
 
 
 def test_folder_store_ignores_temp_and_hidden_files(tmp_path: Path) -> None:
