@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models.images as images_module
-from bench.common import dacon_train
+from bench.common import dacon_train, jpeg_payloads
 from worker.decode_budget import return_large_buffers_to_the_os
 
 Decoder = Callable[[bytes], np.ndarray]
@@ -88,17 +88,6 @@ def _interleaved(candidates: dict[str, Callable[[object], object]], items: list,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _jpegs(payloads: list[bytes], size: int) -> list[bytes]:
-    out = []
-    for data in payloads:
-        with Image.open(io.BytesIO(data)) as image:
-            big = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        buffer = io.BytesIO()
-        big.save(buffer, format="JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
-
-
 def _pillow_only(data: bytes, size: int) -> Image.Image:
     """The decode-to-input path before the fast PNG decoder and the torch resize."""
     saved = (images_module._png_decode, images_module._TORCH_RESIZES_LIKE_PILLOW)
@@ -146,7 +135,7 @@ def main() -> None:
     for name, ms in resize_ms.items():
         print(f"  {name:22s} {ms:6.2f}   {resize_ms['pillow bilinear'] / ms:4.2f}× Pillow")
 
-    jpegs = _jpegs(payloads[: max(1, len(payloads) // 2)], 2048)
+    jpegs = jpeg_payloads(payloads[: max(1, len(payloads) // 2)], 2048)
     print("\nthe worker's decode-to-input path, CPU ms per image")
     for label, items in (("512² PNG", payloads), ("2048² JPEG", jpegs)):
         paths = {

@@ -33,7 +33,6 @@ created and dropped) and Redis on 127.0.0.1:6379 (database 14 is flushed). Start
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import multiprocessing
@@ -58,13 +57,12 @@ import psycopg
 import redis
 import torch
 from moto.server import ThreadedMotoServer
-from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import CpuLedger
+from bench.common import CpuLedger, jpeg_payloads
 from bench.magnetic_tile import DATASETS
 from bench.private_servers import PinnedPostgres, PinnedRedis, pin_process_tree
 from models import FoldEnsemble, PatchCoreConfig, decode_image
@@ -219,19 +217,6 @@ class Run:
         ]
 
 
-def _jpeg_payloads(payloads: list[bytes], size: int) -> list[bytes]:
-    """The Dacon images upscaled to ``size``² (bicubic) as quality-90 JPEGs: what a high-resolution
-    inspection camera writes, where decoding, not the model, is the work."""
-    out = []
-    for data in payloads:
-        with PILImage.open(io.BytesIO(data)) as image:
-            big = image.convert("RGB").resize((size, size), PILImage.Resampling.BICUBIC)
-        buffer = io.BytesIO()
-        big.save(buffer, format="JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
-
-
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -286,7 +271,7 @@ def main() -> None:
     ensemble = FoldEnsemble.fit([r.id for r in train], [r.path for r in train], config, device=args.device)
     model_dir = ensemble.save(workdir / "model")
     ensemble = FoldEnsemble.load(model_dir, device=args.device)  # what the worker will load (hashes verified)
-    jpegs = _jpeg_payloads(payloads, args.jpeg_size) if args.jpeg_size else []
+    jpegs = jpeg_payloads(payloads, args.jpeg_size) if args.jpeg_size else []
 
     servers: list[PinnedPostgres | PinnedRedis] = []
     pg_admin_url, broker_url = PG_ADMIN_URL, BROKER_URL
