@@ -288,7 +288,7 @@ def _resize_colour(pixels: np.ndarray, image_size: int) -> Image.Image | None:
     has no SIMD resize: 0.5 against 1.5 ms from the 512² Dacon PNGs to 224², the same pixels exactly. On
     other sizes it is at most one grey level from Pillow, on 0.1-4% of the pixels (its fixed-point weights
     round differently). So gray content, where Pillow's one-band resize is as fast, stays with Pillow:
-    every labelled set here is gray and is resized exactly as before, and a gray image stored as RGB gets
+    the labelled sets here are gray and are resized exactly as before, and a gray image stored as RGB gets
     exactly the pixels of its L decode. Not parallelised inside torch (wall = CPU time), so it never competes
     with the model's threads; it releases the GIL, as Pillow does. ``pixels`` is read as channels-last.
     """

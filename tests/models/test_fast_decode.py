@@ -19,6 +19,7 @@ import models.images as images_module
 from models import BadImageError, decode_image
 from models.datasets import read_image_csv
 from models.images import load_pixels, resize_for_model, to_model_input
+from tests.models.png_files import png_file
 
 pytestmark = pytest.mark.skipif(images_module._png_decode is None, reason="imagecodecs is not installed")
 
@@ -82,17 +83,10 @@ def test_other_pngs_are_left_to_pillow(kind: str) -> None:
 
 
 def _sixteen_bit_rgb_png(array: np.ndarray) -> bytes:
-    """A 16-bit RGB PNG written by hand (Pillow cannot write one): filter 0 on every row."""
-    import zlib
-
+    """A 16-bit RGB PNG (Pillow cannot write one): filter 0 on every row."""
     height, width, _ = array.shape
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return png_file(width, height, bit_depth=16, colour_type=2, rows=rows)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])

@@ -1,6 +1,4 @@
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ from PIL import Image
 
 from models import BadImageError, decode_image, load_image_file
 from models.images import to_tensor
+from tests.models.png_files import png_file
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -19,14 +18,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def huge_png_header(width: int, height: int) -> bytes:
     """A syntactically valid PNG that claims width×height pixels but carries almost no data."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
+    return png_file(width, height, bit_depth=8, colour_type=0, rows=b"\0" * 64)
 
 
 def test_rgb_png_round_trips():
