@@ -3,9 +3,9 @@
 Prints (not a test) the median thread CPU ms per image over interleaved rounds, in one process with the
 worker's allocator settings (``return_large_buffers_to_the_os``, as ``score_batch`` runs), for:
 
-* PNG decode of 512² Dacon training images: Pillow, imagecodecs' libpng and libspng, torchvision's
-  ``decode_png`` and OpenCV's ``imdecode`` (the last two only where installed), each checked to give
-  Pillow's pixels;
+* PNG decode of 512² Dacon training images: Pillow, Wuffs (pywuffs, checksums verified, as shipped),
+  imagecodecs' libpng and libspng, torchvision's ``decode_png`` and OpenCV's ``imdecode`` (the last two
+  only where installed), each checked to give Pillow's pixels;
 * resize of the decoded RGB image to the input size: Pillow's bilinear and torch's uint8 kernel, with the
   largest difference in grey levels;
 * the worker's whole decode-to-input path (``load_pixels`` + ``to_model_input``) as shipped against the
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models.images as images_module
 from bench.common import dacon_train, jpeg_payloads
+from models import png_decoders
 from worker.decode_budget import return_large_buffers_to_the_os
 
 Decoder = Callable[[bytes], np.ndarray]
@@ -45,6 +46,9 @@ def _pillow(data: bytes) -> np.ndarray:
 
 def _decoders() -> dict[str, Decoder]:
     decoders: dict[str, Decoder] = {"pillow": _pillow}
+    wuffs = png_decoders._wuffs_decoder()
+    if wuffs is not None:
+        decoders["wuffs"] = lambda data: wuffs(data, False)
     try:
         import imagecodecs
 

@@ -6,8 +6,9 @@ Prints (not a test):
   (``score_images`` on the same decoded images, batch 32), same machine, twice:
 
   - *backlog*: N images are uploaded while ingest is stopped (their notifications wait in SQS), then
-    ingest starts; timed from then to the last committed row. This is the pipeline's own rate: the
-    uploads (the inspection tool's work, and moto's notification fan-out) are not on the clock.
+    ingest starts; timed from then to the last committed row (its ``created_at``, not when a poll saw
+    it). This is the pipeline's own rate: the uploads (the inspection tool's work, and moto's
+    notification fan-out) are not on the clock.
   - *live*: N images are uploaded from this process while the pipeline runs, all on the same 2 cores.
 
 * where the cores went during each run (worker, this process = moto + ingest + uploader, PostgreSQL,
@@ -101,6 +102,18 @@ def _wait_rows(session_factory, prefix: str, expected: int, timeout_s: float) ->
     raise TimeoutError(f"{prefix}: only {done} of {expected} images done after {timeout_s} s")
 
 
+def _seconds_to_last_row(session_factory, prefix: str, started: datetime) -> float:  # type: ignore[no-untyped-def]
+    """Seconds from ``started`` to the last inference row of ``prefix`` (its ``created_at``, stamped by the
+    worker just before its batch commits): the run's end, without the polling interval of ``_wait_rows``."""
+    with session_scope(session_factory) as session:
+        last = session.scalar(
+            select(func.max(Inference.created_at))
+            .join(Image, Image.id == Inference.image_id)
+            .where(Image.key.startswith(prefix))
+        )
+    return (last - started).total_seconds()
+
+
 def _tree_rss_mib(pid: int) -> list[float]:
     """Resident memory (MiB) of a process and its children: the worker parent, then each scoring child."""
     import psutil
@@ -153,8 +166,9 @@ def _model_alone_processes(
     return finished - begin
 
 
-#: Stages of the worker's own accounting (``BatchResult.cpu``, logged per batch), in pipeline order.
-STAGES = ("fetch", "hash", "decode", "resize", "model", "heatmap", "overlay", "database")
+#: Stages of the worker's own accounting (``BatchResult.cpu``, logged per batch), in pipeline order;
+#: ``fetch_io`` is obstore's I/O threads (the GETs' request work off the fetch threads, from ``CpuLedger``).
+STAGES = ("fetch", "fetch_io", "hash", "decode", "resize", "model", "heatmap", "overlay", "database")
 
 
 def _batch_cpu(log: Path, offset: int) -> tuple[dict[str, float], list[int]]:
@@ -387,13 +401,14 @@ def main() -> None:
         if worker_cores is None:
             ledger = CpuLedger(worker.pid)
             offset = worker_log.stat().st_size
-            started = time.perf_counter()
+            started = datetime.now(UTC)
             for index in range(n):
                 s3.put_object(Bucket=BUCKET, Key=f"incoming/live/{index:04d}.png", Body=batch_payloads[index])
             _wait_rows(session_factory, "incoming/live/", n, 600)
-            live_s = time.perf_counter() - started
+            live_s = _seconds_to_last_row(session_factory, "incoming/live/", started)
             spent = ledger.spent()
             stages, batches = _batch_cpu(worker_log, offset)
+            stages["fetch_io"] = spent[0]["worker_io"]
             live = Run("live", n, live_s, spent[0]["worker"], stages, 0.0, ledger.report(spent), batches)
         stop.set()
         ingest.join(timeout=15)
@@ -406,14 +421,15 @@ def main() -> None:
             time.sleep(1.0)  # moto's notifications are in the queue
             ledger = CpuLedger(worker.pid)
             offset = worker_log.stat().st_size
-            started = time.perf_counter()
+            started = datetime.now(UTC)
             stop, thread, ingest_cpu = start_ingest()
             _wait_rows(session_factory, f"incoming/{name}/", n, 900)
-            seconds = time.perf_counter() - started
+            seconds = _seconds_to_last_row(session_factory, f"incoming/{name}/", started)
             spent = ledger.spent()
             stop.set()
             thread.join(timeout=15)
             stages, batches = _batch_cpu(worker_log, offset)
+            stages["fetch_io"] = spent[0]["worker_io"]
             ingest_s = ingest_cpu[0] if ingest_cpu else 0.0
             return Run(name, n, seconds, spent[0]["worker"], stages, ingest_s, ledger.report(spent), batches)
 

@@ -61,7 +61,9 @@ class CpuLedger:
 
     Groups: ``worker`` (the process tree of ``worker_pid``), ``bench`` (this process: in the pipeline
     benchmark it hosts the moto server, the ingest thread and the uploader), ``postgres`` and ``redis`` (by
-    process name), and ``idle`` (system-wide idle time, in core-seconds).
+    process name), and ``idle`` (system-wide idle time, in core-seconds). ``worker_io`` is the part of
+    ``worker`` spent on obstore's I/O threads (``tokio-rt-worker``: the S3 GETs' request work, which the
+    worker's per-stage accounting of its own threads cannot see); it is not a group of its own in reports.
     """
 
     def __init__(self, worker_pid: int) -> None:
@@ -73,6 +75,7 @@ class CpuLedger:
         import psutil
 
         groups = {"worker": 0.0, "bench": 0.0, "postgres": 0.0, "redis": 0.0, "idle": psutil.cpu_times().idle}
+        groups["worker_io"] = 0.0
         worker_tree: set[int] = set()
         try:
             root = psutil.Process(self.worker_pid)
@@ -87,6 +90,7 @@ class CpuLedger:
             name = process.info["name"] or ""
             if process.info["pid"] in worker_tree:
                 groups["worker"] += spent
+                groups["worker_io"] += _threads_cpu(process.info["pid"], "tokio-rt-worker")
             elif process.info["pid"] == os.getpid():
                 groups["bench"] += spent
             elif name.startswith("postgres"):
@@ -105,9 +109,29 @@ class CpuLedger:
         groups, wall = spent or self.spent()
         cores = os.cpu_count() or 1
         parts = [
-            f"{group} {seconds:.1f} s ({100 * seconds / (wall * cores):.0f}%)" for group, seconds in groups.items()
+            f"{group} {seconds:.1f} s ({100 * seconds / (wall * cores):.0f}%)"
+            for group, seconds in groups.items()
+            if group != "worker_io"
         ]
         return f"CPU over {wall:.1f} s × {cores} cores: " + ", ".join(parts)
+
+
+def _threads_cpu(pid: int, name: str) -> float:
+    """CPU seconds of the threads of ``pid`` called ``name`` (Linux ``/proc``; 0 elsewhere)."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            if (task / "comm").read_text().strip() != name:
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def jpeg_payloads(payloads: list[bytes], size: int) -> list[bytes]:

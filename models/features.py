@@ -73,8 +73,11 @@ class PatchFeatureExtractor:
         return int(embedded.shape[1]), int(embedded.shape[2])
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Resize to the canvas and normalise with the backbone's own statistics: (n_images, 3, S, S)."""
-        return to_batch(images, image_size=self.input_size, mean=self.backbone.mean, std=self.backbone.std)
+        """Resize to the canvas and normalise with the backbone's own statistics: (n_images, 3, S, S) on the
+        backbone's device (a GPU gets uint8 pixels and normalises them itself, :func:`to_batch`)."""
+        return to_batch(
+            images, image_size=self.input_size, mean=self.backbone.mean, std=self.backbone.std, device=self.device
+        )
 
     @torch.inference_mode()
     def embed_batch(self, batch: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,11 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from models.errors import BadImageError
+from models.png_decoders import PNG_DECODER, decode_plain_png
 
-try:  # a faster PNG decoder than Pillow's; without it Pillow decodes everything, the same pixels
-    from imagecodecs import spng_decode as _png_decode
-except ImportError:  # pragma: no cover - imagecodecs is a dependency; a trimmed install still works
-    _png_decode = None
+#: A faster PNG decoder than Pillow's (Wuffs, else libspng: :mod:`models.png_decoders`); None: Pillow
+#: decodes everything, the same pixels. Tests switch it off to compare with the Pillow-only path.
+_png_decode = decode_plain_png if PNG_DECODER is not None else None
 
 # Never decode partial files silently: a truncated upload must be reported, not scored as half-grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -102,7 +102,7 @@ def load_pixels(data: bytes, *, name: str = "<bytes>", max_pixels: int = 64_000_
     """The decoded pixels in the file's own mode (the first half of :func:`decode_image`): header checks,
     then the decode, reduced in the JPEG decoder (``Image.draft``) when ``size`` allows it.
 
-    A plain 8-bit PNG comes back as the uint8 array libspng decoded it into (``(h, w)`` or ``(h, w, 3)``),
+    A plain 8-bit PNG comes back as the uint8 array the fast decoder made (``(h, w)`` or ``(h, w, 3)``),
     everything else as a Pillow image: :func:`to_model_input` takes either, :func:`as_image` makes an image.
     """
     if not data:
@@ -142,14 +142,15 @@ def as_image(pixels: Pixels) -> Image.Image:
 
 
 def _decode_plain_png(image: Image.Image, data: bytes) -> np.ndarray | None:
-    """An 8-bit grayscale or RGB PNG decoded by libspng (through imagecodecs), or None to let Pillow do it.
+    """An 8-bit grayscale or RGB PNG decoded by Wuffs or libspng (:mod:`models.png_decoders`), or None to
+    let Pillow do it.
 
-    Lossless, so the same pixels as Pillow's decoder; measured on the 512² Dacon PNGs: 3.3 ms against
-    Pillow's 4.3, and an array the torch resize takes as it is (``bench/bench_decode.py``). It releases
-    the GIL, as Pillow does. Only the plain case is taken: one frame, not interlaced, no transparency
-    chunk, 8 bits a sample (Pillow's raw mode is the image mode); anything else (palette, 16-bit, APNG)
-    and any failure of libspng (a truncated file, a bad CRC) go to Pillow, whose answer, image or error,
-    is the one recorded, exactly as without this path.
+    Lossless, so the same pixels as Pillow's decoder; measured on the 512² Dacon PNGs: Wuffs 2.5 ms,
+    libspng 3.7, Pillow 4.2-5.2, and an array the torch resize takes as it is (``bench/bench_decode.py``).
+    Both release the GIL, as Pillow does. Only the plain case is taken: one frame, not interlaced, no
+    transparency chunk, 8 bits a sample (Pillow's raw mode is the image mode); anything else (palette,
+    16-bit, APNG) and any refusal of the decoder (a truncated file, a bad checksum) go to Pillow, whose
+    answer, image or error, is the one recorded, exactly as without this path.
     """
     if _png_decode is None or image.format != "PNG" or image.mode not in ("L", "RGB"):
         return None
@@ -158,7 +159,7 @@ def _decode_plain_png(image: Image.Image, data: bytes) -> np.ndarray | None:
     if "transparency" in image.info or getattr(image, "is_animated", False):
         return None
     try:
-        pixels = _png_decode(data)
+        pixels = _png_decode(data, image.mode == "L")
     except Exception:  # any refusal: Pillow decodes it again and reports its own error
         return None
     expected = (image.height, image.width) if image.mode == "L" else (image.height, image.width, 3)
@@ -317,10 +318,19 @@ def to_batch(
     image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Resize and normalise a batch: (n_images, 3, S, S) float32, normalised in one vectorised step."""
+    """Resize and normalise a batch: (n_images, 3, S, S) float32 on ``device`` (default the CPU),
+    normalised in one vectorised step.
+
+    For a GPU the pixels travel as uint8 from pinned memory without waiting (a quarter of float32's bytes)
+    and become float32 there, so the worker's CPU does no float work per image. The float operations are
+    the same on either side (a multiply, then a subtract, each correctly rounded), so the batch is
+    bit-identical wherever it is normalised.
+    """
+    target = torch.device(device) if device is not None else torch.device("cpu")
     if not images:
-        return torch.empty(0, 3, image_size, image_size)
+        return torch.empty(0, 3, image_size, image_size, device=target)
     if len(images) > 1 and any(img.size != (image_size, image_size) for img in images):
         # Pillow releases the GIL while resizing, so a batch resizes on every core.
         with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
@@ -330,7 +340,15 @@ def to_batch(
     pixels = np.stack(resized)
     # Channels first while still uint8 (a quarter of the bytes), then the same two float operations in
     # place: bit-identical to converting the strided view, 4.5× faster (1.0 → 0.22 ms per 224² image).
-    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float()
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, 3, 1, 1)
-    return batch.mul_(scale).sub_(shift)
+    channels_first = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    if target.type == "cuda":
+        staged = torch.empty(channels_first.shape, dtype=torch.uint8, pin_memory=True)
+        staged.copy_(channels_first)
+        # Queued on the current stream, ahead of the float ops below; the caching host allocator keeps the
+        # pinned block until the copy has run.
+        batch = staged.to(target, non_blocking=True).float()
+    else:
+        batch = channels_first.contiguous().to(target).float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=target).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32, device=target)
+    return batch.mul_(scale).sub_(shift.view(1, 3, 1, 1))

@@ -78,6 +78,7 @@ def make_store_from_settings(settings: Settings, *, bucket: str | None = None, m
         access_key=settings.s3_access_key.get_secret_value() if settings.s3_access_key else None,
         secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
         max_attempts=max_attempts,
+        fast_reads=settings.s3_fast_reads,
     )
 
 

@@ -201,6 +201,9 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key: SecretStr | None = None
     s3_secret_key: SecretStr | None = None
+    # Image GETs through obstore first (a third of boto3's CPU per request); anything but a plain success is
+    # fetched and reported by boto3 as before. false: boto3 alone (worker/s3_reads.py).
+    s3_fast_reads: bool = True
     incoming_prefix: str = "incoming/"
     nominal_prefix: str = "nominal/"
     heatmap_prefix: str = "heatmaps/"

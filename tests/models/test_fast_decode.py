@@ -1,14 +1,15 @@
-"""The fast decode-to-input path (libspng for plain PNGs, torch's uint8 resize) against Pillow's.
+"""The fast decode-to-input path (Wuffs or libspng for plain PNGs, torch's uint8 resize) against Pillow's.
 
 Each test compares the shipped path with the Pillow-only path it replaced (``_png_decode`` and
 ``_TORCH_RESIZES_LIKE_PILLOW`` switched off in the same process), so a difference in pixels or in what is
-reported for a broken file shows up as a failure.
+reported for a broken file shows up as a failure. The broken-file tests run once per installed decoder.
 """
 
 from __future__ import annotations
 
 import io
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,26 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 import models.images as images_module
-from models import BadImageError, decode_image
+from models import BadImageError, decode_image, png_decoders
 from models.datasets import read_image_csv
 from models.images import load_pixels, resize_for_model, to_model_input
 from tests.models.png_files import png_file
 
-pytestmark = pytest.mark.skipif(images_module._png_decode is None, reason="imagecodecs is not installed")
+pytestmark = pytest.mark.skipif(images_module._png_decode is None, reason="no fast PNG decoder is installed")
+
+#: Every fast decoder installed here, by name (the first is the one the product uses).
+DECODERS = {
+    name: decoder
+    for name, decoder in (("wuffs", png_decoders._wuffs_decoder()), ("libspng", png_decoders._spng_decoder()))
+    if decoder is not None
+}
+
+
+@pytest.fixture(params=sorted(DECODERS))
+def each_decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with ``load_pixels`` using one installed decoder after the other."""
+    monkeypatch.setattr(images_module, "_png_decode", DECODERS[request.param])
+    return str(request.param)
 
 
 def _png(image: Image.Image, **options: object) -> bytes:
@@ -31,6 +46,7 @@ def _png(image: Image.Image, **options: object) -> bytes:
 
 
 def _outcome(data: bytes, size: int | None, *, fast: bool) -> tuple[str, bytes | str]:
+    """What ``decode_image`` gives (pixels or the error message) with the fast paths on, or Pillow only."""
     saved = (images_module._png_decode, images_module._TORCH_RESIZES_LIKE_PILLOW)
     if not fast:
         images_module._png_decode, images_module._TORCH_RESIZES_LIKE_PILLOW = None, False
@@ -48,12 +64,19 @@ def dacon_train_pngs(dacon_data: Path) -> list[bytes]:
     return [ref.path.read_bytes() for ref in refs]
 
 
-def test_plain_pngs_take_libspng_and_give_pillows_pixels(dacon_train_pngs: list[bytes]) -> None:
+def test_the_product_decodes_with_wuffs_where_it_is_installed() -> None:
+    assert next(iter(DECODERS)) == png_decoders.PNG_DECODER
+    assert "wuffs" in DECODERS, "pywuffs is a dependency (pyproject.toml): the fastest decoder must be in use"
+
+
+def test_plain_pngs_take_the_fast_decoder_and_give_pillows_pixels(
+    dacon_train_pngs: list[bytes], each_decoder: str
+) -> None:
     rng = np.random.default_rng(4)
     gray = _png(Image.fromarray(rng.integers(0, 256, (90, 70), dtype=np.uint8)))
     for data in [*dacon_train_pngs, gray]:
         pixels = load_pixels(data)
-        assert isinstance(pixels, np.ndarray), "a plain 8-bit PNG is decoded by libspng"
+        assert isinstance(pixels, np.ndarray), f"a plain 8-bit PNG is decoded by {each_decoder}"
         with Image.open(io.BytesIO(data)) as reference:
             assert np.array_equal(pixels, np.asarray(reference))
 
@@ -90,8 +113,9 @@ def _sixteen_bit_rgb_png(array: np.ndarray) -> bytes:
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_truncated_or_corrupted_pngs_end_as_pillow_ends_them(mode: str) -> None:
-    """libspng refusing a file hands it to Pillow: the recorded outcome (pixels or error) is Pillow's."""
+def test_truncated_or_corrupted_pngs_end_as_pillow_ends_them(mode: str, each_decoder: str) -> None:
+    """The decoder refusing a file hands it to Pillow: the recorded outcome (pixels or error) is Pillow's.
+    A flipped byte in the compressed data must be refused (Wuffs' checksums are on), never decoded."""
     rng = np.random.default_rng(6)
     shape = (120, 100, 3) if mode == "RGB" else (120, 100)
     data = _png(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)))
@@ -106,15 +130,17 @@ def test_truncated_or_corrupted_pngs_end_as_pillow_ends_them(mode: str) -> None:
     assert any(fast[0] == "error" for fast, _ in outcomes), "the cases include files Pillow refuses"
 
 
-def test_a_gamma_or_srgb_chunk_changes_nothing() -> None:
-    """libspng applies no gamma unless asked, like Pillow: the stored samples are the pixels."""
+def test_a_gamma_or_srgb_chunk_changes_nothing(each_decoder: str) -> None:
+    """The decoders apply no gamma unless asked, like Pillow: the stored samples are the pixels."""
     rng = np.random.default_rng(7)
     image = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
     for chunk, body in ((b"gAMA", struct.pack(">I", 100000)), (b"sRGB", b"\x00")):
         info = PngImagePlugin.PngInfo()
         info.add(chunk, body)
         data = _png(image, pnginfo=info)
-        assert np.array_equal(load_pixels(data), np.asarray(image))
+        pixels = load_pixels(data)
+        assert isinstance(pixels, np.ndarray)
+        assert np.array_equal(pixels, np.asarray(image))
 
 
 @pytest.mark.skipif(not images_module._TORCH_RESIZES_LIKE_PILLOW, reason="no AVX2: Pillow resizes everything")
@@ -152,3 +178,18 @@ def test_a_colour_image_with_one_gray_row_is_still_colour() -> None:
     pixels[0] = pixels[0, :, :1]  # a gray first row
     assert not images_module._is_gray(pixels)
     assert images_module._is_gray(np.repeat(pixels[..., :1], 3, axis=2))
+
+
+def test_threads_decoding_at_once_each_get_their_own_pixels(dacon_train_pngs: list[bytes]) -> None:
+    """The worker decodes on eight fetch threads: a Wuffs decoder shared between threads crashes the
+    process, so each thread must keep its own."""
+    expected = [np.asarray(Image.open(io.BytesIO(data))) for data in dacon_train_pngs]
+
+    def decode_all(_: int) -> bool:
+        return all(
+            np.array_equal(png_decoders.decode_plain_png(data, False), want)
+            for data, want in zip(dacon_train_pngs * 3, expected * 3, strict=True)
+        )
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(decode_all, range(4)))

@@ -164,3 +164,20 @@ def test_training_features_of_a_large_jpeg_are_those_the_worker_scores(tmp_path)
     served = extractor.embed([decode_image(data, size=extractor.input_size)])
     expected = served.reshape(1, -1, served.shape[-1]).half().numpy()
     assert torch.equal(torch.from_numpy(features.features), torch.from_numpy(expected))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it there)")
+def test_a_gpu_batch_travels_as_uint8_and_is_bit_identical_to_the_cpu_batch() -> None:
+    """The GPU normalises what arrives as uint8 (a quarter of the bytes, from pinned memory): the same two
+    correctly rounded float operations, so scores do not depend on where the batch was normalised."""
+    import numpy as np
+    from PIL import Image
+
+    from models.images import to_batch
+
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)) for _ in range(5)]
+    on_cpu = to_batch(images, image_size=64)
+    on_gpu = to_batch(images, image_size=64, device="cuda")
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+    assert torch.equal(on_gpu.cpu(), on_cpu)
