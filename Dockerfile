@@ -45,9 +45,15 @@ COPY models ./models
 COPY worker ./worker
 COPY scheduler ./scheduler
 COPY migrations ./migrations
-# The rest from PyPI; torch==2.14.1 in pyproject.toml is already satisfied by the +cuXXX build above.
-RUN pip install ".[deploy]" \
-    && python -c "import torch; assert torch.__version__ == '${TORCH_VERSION}+${TORCH_CUDA}', torch.__version__"
+# The rest from PyPI; torch==2.14.1 in pyproject.toml is already satisfied by the +cuXXX build above. The fast-png
+# extra (pywuffs, the fastest PNG decoder) ships only its source: g++ builds it here, in the build stage only (the
+# runtime stage copies the venv; libstdc++ is in every Debian image).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+RUN pip install ".[deploy,fast-png]" \
+    && python -c "import torch; assert torch.__version__ == '${TORCH_VERSION}+${TORCH_CUDA}', torch.__version__" \
+    && python -c "from models.png_decoders import PNG_DECODER as d; assert d == 'wuffs', d"
 RUN mkdir -p /opt/torch-cache && python - <<'PY'
 import os
 import torchvision

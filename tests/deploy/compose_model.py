@@ -109,7 +109,7 @@ class RuntimeLayout:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def _instructions(text: str) -> list[tuple[str, str]]:
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """``(INSTRUCTION, arguments)`` with continuation lines joined and comments and heredoc bodies dropped."""
     result: list[tuple[str, str]] = []
     lines = iter(text.splitlines())
@@ -131,7 +131,7 @@ def _instructions(text: str) -> list[tuple[str, str]]:
 
 def runtime_layout(text: str | None = None) -> RuntimeLayout:
     """The last stage's user, home, WORKDIR, user-owned directories and ENV (see :class:`RuntimeLayout`)."""
-    instructions = _instructions(text if text is not None else DOCKERFILE.read_text(encoding="utf-8"))
+    instructions = dockerfile_instructions(text if text is not None else DOCKERFILE.read_text(encoding="utf-8"))
     last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     stage = instructions[last_from + 1 :]
     user = next((rest for keyword, rest in reversed(stage) if keyword == "USER"), "root").split(":")[0]

@@ -20,6 +20,7 @@ from compose_model import (
     COMPOSE_FILE,
     DEPLOY_DOC,
     DOCKERFILE,
+    dockerfile_instructions,
     env_example,
     interpolate,
     load_compose,
@@ -272,6 +273,21 @@ def test_the_default_image_bakes_no_torchvision_weights() -> None:
     assert args["TORCH_HUB_WEIGHTS"] == ""
     build_args = load_compose()["x-waferwatch"]["build"]["args"]
     assert interpolate(build_args["TORCH_HUB_WEIGHTS"], {}) == ""
+
+
+def test_the_image_decodes_pngs_with_wuffs_and_keeps_the_compiler_out_of_the_runtime() -> None:
+    """pywuffs (the fast-png extra) ships only its source: the build stage needs g++ and installs the extra,
+    and checks the decoder is in use; the runtime stage copies the venv and has no compiler."""
+    instructions = dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
+    froms = [i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"]
+    build, runtime = instructions[froms[0] : froms[-1]], instructions[froms[-1] :]
+    build_runs = " ".join(rest for keyword, rest in build if keyword == "RUN")
+    assert re.search(r"apt-get install .*\bg\+\+", build_runs), "the build stage must install g++"
+    assert 'pip install ".[deploy,fast-png]"' in build_runs
+    assert "PNG_DECODER" in build_runs and "'wuffs'" in build_runs, "the build must fail without Wuffs"
+    runtime_runs = " ".join(rest for keyword, rest in runtime if keyword == "RUN")
+    assert "g++" not in runtime_runs and "build-essential" not in runtime_runs
+    assert '"pywuffs' in (DOCKERFILE.parent / "pyproject.toml").read_text(encoding="utf-8")
 
 
 # --- 6. health checks, images, secrets in URLs ---------------------------------------------------

@@ -8,6 +8,7 @@ reported for a broken file shows up as a failure. The broken-file tests run once
 from __future__ import annotations
 
 import io
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,8 +66,11 @@ def dacon_train_pngs(dacon_data: Path) -> list[bytes]:
 
 
 def test_the_product_decodes_with_wuffs_where_it_is_installed() -> None:
+    """Wuffs first, libspng where pywuffs (the fast-png extra, built from source) is missing; CI installs the
+    extra and says so (``WAFERWATCH_TEST_REQUIRE_WUFFS=1``), so there its absence is a failure."""
     assert next(iter(DECODERS)) == png_decoders.PNG_DECODER
-    assert "wuffs" in DECODERS, "pywuffs is a dependency (pyproject.toml): the fastest decoder must be in use"
+    if os.environ.get("WAFERWATCH_TEST_REQUIRE_WUFFS") == "1":
+        assert "wuffs" in DECODERS, "pywuffs did not install (make install: the fast-png extra needs a C++ compiler)"
 
 
 def test_plain_pngs_take_the_fast_decoder_and_give_pillows_pixels(

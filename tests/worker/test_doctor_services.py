@@ -100,6 +100,32 @@ def test_a_bucket_without_an_objectcreated_rule_for_incoming_fails_and_says_what
     assert code == 0, lines  # the folder broker has no worker: the queues line warns, which does not fail
 
 
+def test_doctor_names_the_fast_paths_this_install_has(
+    s3_endpoint: str, base_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A missing compiled fast path costs CPU, not results: the speed line says which are in use, and how
+    to get the missing one."""
+    from models.png_decoders import PNG_DECODER
+
+    env = base_env | {
+        "WAFERWATCH_STORAGE": "s3",
+        "WAFERWATCH_S3_ENDPOINT_URL": s3_endpoint,
+        "WAFERWATCH_S3_BUCKET": "wafers",
+        "WAFERWATCH_S3_ACCESS_KEY": "testing",
+        "WAFERWATCH_S3_SECRET_KEY": "testing",
+    }
+
+    _, lines = doctor(env, tmp_path)
+    if PNG_DECODER == "wuffs":
+        assert lines["speed"].startswith("ok") and "PNGs decoded by Wuffs" in lines["speed"], lines["speed"]
+    else:
+        assert lines["speed"].startswith("warn") and "waferwatch[fast-png]" in lines["speed"], lines["speed"]
+    assert "S3 GETs through obstore" in lines["speed"], lines["speed"]
+
+    _, lines = doctor(env | {"WAFERWATCH_S3_FAST_READS": "false"}, tmp_path)
+    assert "S3 GETs through boto3 (WAFERWATCH_S3_FAST_READS=false" in lines["speed"], lines["speed"]
+
+
 # --- which queues live workers consume ------------------------------------------------------------------
 
 
