@@ -2,7 +2,8 @@
 # The GPU check of a fresh CUDA machine, in one go (about 5 minutes):
 #   bench/gpu_check.sh [OUT_DIR]
 # It creates (or reuses) the virtual environment like `make test` does, prints the device, runs the tests
-# that need CUDA (a GPU batch is normalised from uint8 bit-identically to the CPU's), times the scoring
+# that need CUDA (a GPU batch is normalised from uint8 bit-identically to the CPU's; the banks searched on
+# the GPU give the CPU's neighbours and scores), times the scoring
 # ensemble for efficientnet_lite0 (real weights) and wide_resnet101_2 (random weights: timing only) at
 # batch 32 and 128 in bf16 autocast (images/s, ms/batch, peak GPU memory), and runs the pipeline benchmark
 # on the GPU over a 2,000-image backlog (pipeline images/s, ratio to the model alone, CPU per image).
@@ -42,7 +43,8 @@ run() {  # name, timeout, command...
 }
 
 status=0
-run gpu-tests 120 $PY -m pytest -q -p no:cacheprovider tests/models/test_images.py -k gpu || status=1
+run gpu-tests 180 $PY -m pytest -q -p no:cacheprovider tests/models/test_images.py tests/models/test_scoring.py \
+    -k "gpu or device" || status=1
 for batch in 32 128; do
     run "scoring-lite0-b$batch" 300 $PY bench/bench_scoring.py --device cuda --batch "$batch" || status=1
     run "scoring-wrn101-b$batch" 300 $PY bench/bench_scoring.py --device cuda --batch "$batch" \

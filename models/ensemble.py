@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.backbones import resolve_device
 from models.config import PatchCoreConfig
 from models.errors import ConfigError
 from models.features import PatchFeatureExtractor
@@ -138,6 +139,12 @@ class FoldEnsemble:
             self._extractor = PatchFeatureExtractor(self.config, device=self._device)
         return self._extractor
 
+    def _search_device(self) -> torch.device | None:
+        """Where the banks are searched: the model's GPU (the CPU of a GPU host feeds the model and should do
+        nothing else), else None for the CPU. Never builds the backbone to find out."""
+        device = self._extractor.device if self._extractor is not None else resolve_device(self._device)
+        return device if device.type == "cuda" else None
+
     @property
     def input_size(self) -> int:
         """Side of the square images are resized to before scoring, and of the anomaly maps (the tiled
@@ -179,9 +186,10 @@ class FoldEnsemble:
         patches = embedded.reshape(n_images, height * width, dim).half().float().numpy()
         fold_scores = np.empty((len(self.folds), n_images), dtype=np.float64)
         fold_grids = np.empty((len(self.folds), n_images, height * width), dtype=np.float32)
+        search_on = self._search_device()
         for f, fold in enumerate(self.folds):
             fold_patches = self.representation.transform(patches, f) if self.representation else patches
-            fold_scores[f], fold_grids[f] = score_patches(fold.bank, fold_patches, self.config)
+            fold_scores[f], fold_grids[f] = score_patches(fold.bank, fold_patches, self.config, device=search_on)
         if self.config.score_aggregate == "max":
             scores, grids = fold_scores.max(axis=0), fold_grids.max(axis=0)
         else:

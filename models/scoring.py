@@ -12,16 +12,19 @@ from models.config import PatchCoreConfig
 from models.memory_bank import MemoryBank
 
 
-def patch_scores(bank: MemoryBank, patches: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def patch_scores(
+    bank: MemoryBank, patches: np.ndarray, k: int, *, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Score of each patch = mean L2 distance to its ``k`` nearest bank entries.
 
     Args:
         patches: (n_patches, embed_dim) float32.
+        device: where to search (the model's GPU; :meth:`MemoryBank.search`); None: the CPU.
 
     Returns:
         scores (n_patches,) float32 and the index of each patch's nearest bank entry (n_patches,).
     """
-    distances, indices = bank.search(patches, k)
+    distances, indices = bank.search(patches, k, device=device)
     return distances.mean(axis=1, dtype=np.float32), indices[:, 0]
 
 
@@ -87,11 +90,14 @@ def _map_operator(grid_size: int, image_size: int, sigma: float) -> torch.Tensor
     return upsampled[:, 0, :].T.contiguous()
 
 
-def score_patches(bank: MemoryBank, patches: np.ndarray, config: PatchCoreConfig) -> tuple[np.ndarray, np.ndarray]:
+def score_patches(
+    bank: MemoryBank, patches: np.ndarray, config: PatchCoreConfig, *, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One fold on a batch of images' patches (n_images, n_patches, embed_dim): image scores (n_images,),
-    float64, and patch scores (n_images, n_patches), float32."""
+    float64, and patch scores (n_images, n_patches), float32. ``device``: where the patch search runs (the
+    model's GPU; eq. 7's few queries per batch stay on the CPU)."""
     n_images, n_patches, dim = patches.shape
-    scores, nearest = patch_scores(bank, patches.reshape(-1, dim), config.k)
+    scores, nearest = patch_scores(bank, patches.reshape(-1, dim), config.k, device=device)
     scores = scores.reshape(n_images, n_patches)
     nearest = nearest.reshape(n_images, n_patches)
     if config.reweight:

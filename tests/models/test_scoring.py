@@ -24,6 +24,93 @@ def test_knn_matches_brute_force(bank_and_queries):
     np.testing.assert_allclose(distances, np.take_along_axis(brute, expected_idx, axis=1), rtol=1e-4, atol=1e-4)
 
 
+def _search_devices() -> list[torch.device]:
+    """The CPU always, the GPU where there is one."""
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("k", [1, 5])  # 1 (the default) takes a row minimum, more a top-k
+@pytest.mark.parametrize("device", _search_devices(), ids=str)
+def test_the_matrix_product_search_finds_the_brute_force_neighbours_on_every_device(bank_and_queries, device, k):
+    """A GPU host searches the banks on its GPU: faiss's neighbours (the CPU's), distances within rounding."""
+    bank, queries = bank_and_queries
+    distances, indices = bank.search_by_product(queries, k, device=device)
+    brute = np.linalg.norm(queries[:, None, :].astype(np.float64) - bank.vectors[None].astype(np.float64), axis=2)
+    expected = np.argsort(brute, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_allclose(distances, np.take_along_axis(brute, expected, axis=1), rtol=1e-5, atol=1e-5)
+    assert distances.dtype == np.float32 and distances.shape == (50, k)
+    by_faiss = bank.search(queries, k)
+    np.testing.assert_array_equal(by_faiss[1], indices)
+    np.testing.assert_allclose(by_faiss[0], distances, rtol=1e-5)
+
+
+def test_search_goes_to_faiss_on_a_cpu_and_to_the_product_on_any_other_device(bank_and_queries, monkeypatch):
+    bank, queries = bank_and_queries
+    calls: list[str] = []
+    monkeypatch.setattr(bank, "search_by_product", lambda q, k, device: calls.append(device.type))
+    bank.search(queries, 1)
+    bank.search(queries, 1, device=torch.device("cpu"))
+    assert calls == []
+    bank.search(queries, 1, device=torch.device("meta"))
+    assert calls == ["meta"]
+
+
+def test_a_read_only_query_array_is_searched_without_a_warning(bank_and_queries):
+    """Feature files are memory-mapped read-only by the benchmarks and calibration."""
+    import warnings
+
+    bank, queries = bank_and_queries
+    queries.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        by_product, _ = bank.search_by_product(queries, 1, device=torch.device("cpu"))
+        by_faiss, _ = bank.search(queries, 1)
+    assert by_product.shape == by_faiss.shape == (50, 1)
+
+
+def test_the_device_search_holds_a_bounded_block_of_distances(bank_and_queries, monkeypatch):
+    """A tiled batch against a large bank is searched in blocks of queries: same answer, bounded memory."""
+    import models.memory_bank as memory_bank
+
+    bank, queries = bank_and_queries
+    cpu = torch.device("cpu")
+    whole = bank.search_by_product(queries, 3, device=cpu)
+    monkeypatch.setattr(memory_bank, "_SEARCH_BLOCK_ELEMENTS", 7 * bank.n_entries)  # 7 queries at a time
+    blocks: list[tuple[int, ...]] = []
+    addmm = torch.addmm
+
+    def recorded(*args, **kwargs):
+        result = addmm(*args, **kwargs)
+        blocks.append(tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(memory_bank.torch, "addmm", recorded)
+    chunked = bank.search_by_product(queries, 3, device=cpu)
+    assert max(blocks) <= (7, bank.n_entries) and sum(rows for rows, _ in blocks) == len(queries)
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)  # the product's blocking may move a last bit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it there)")
+def test_a_gpu_ensemble_searches_its_banks_on_the_gpu_with_the_cpus_scores(tile_split, small_config, tmp_path):
+    """The same embeddings scored by the model on the GPU (banks searched there) and on the CPU."""
+    from bench.magnetic_tile import subsample
+    from models import FoldEnsemble, load_image_file
+
+    train = subsample(tile_split.train, 30)
+    tile_ensemble = FoldEnsemble.fit([r.id for r in train], [r.path for r in train], small_config, device="cpu")
+    on_gpu = FoldEnsemble.load(tile_ensemble.save(tmp_path / "model"), device="cuda")
+    assert on_gpu._search_device() == torch.device("cuda", torch.cuda.current_device())
+    images = [load_image_file(ref.path, size=tile_ensemble.input_size) for ref in tile_split.test_bad[:6]]
+    embedded = tile_ensemble.extractor.embed(images)
+    on_cpu_scores = tile_ensemble.score_embeddings(embedded, [str(i) for i in range(6)])
+    on_gpu_scores = on_gpu.score_embeddings(embedded, [str(i) for i in range(6)])
+    for cpu, gpu in zip(on_cpu_scores, on_gpu_scores, strict=True):
+        assert gpu.fold_scores == pytest.approx(cpu.fold_scores, rel=1e-5)
+        np.testing.assert_allclose(gpu.anomaly_map, cpu.anomaly_map, rtol=1e-4, atol=1e-5)
+
+
 def test_patch_score_is_mean_distance_to_k_nearest(bank_and_queries):
     bank, queries = bank_and_queries
     scores, nearest = patch_scores(bank, queries, 5)
