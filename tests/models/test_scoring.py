@@ -15,13 +15,19 @@ def bank_and_queries():
     return MemoryBank(rng.normal(size=(300, 24)).astype(np.float32)), rng.normal(size=(50, 24)).astype(np.float32)
 
 
+def _brute_force(bank: MemoryBank, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest entries by every distance in float64: distances and indices, as ``search`` returns."""
+    brute = np.linalg.norm(queries[:, None, :].astype(np.float64) - bank.vectors[None].astype(np.float64), axis=2)
+    indices = np.argsort(brute, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(brute, indices, axis=1), indices
+
+
 def test_knn_matches_brute_force(bank_and_queries):
     bank, queries = bank_and_queries
     distances, indices = bank.search(queries, 5)
-    brute = np.linalg.norm(queries[:, None, :] - bank.vectors[None, :, :], axis=2)
-    expected_idx = np.argsort(brute, axis=1, kind="stable")[:, :5]
+    expected_distances, expected_idx = _brute_force(bank, queries, 5)
     np.testing.assert_array_equal(indices, expected_idx)
-    np.testing.assert_allclose(distances, np.take_along_axis(brute, expected_idx, axis=1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-4)
 
 
 def _search_devices() -> list[torch.device]:
@@ -35,10 +41,9 @@ def test_the_matrix_product_search_finds_the_brute_force_neighbours_on_every_dev
     """A GPU host searches the banks on its GPU: faiss's neighbours (the CPU's), distances within rounding."""
     bank, queries = bank_and_queries
     distances, indices = bank.search_by_product(queries, k, device=device)
-    brute = np.linalg.norm(queries[:, None, :].astype(np.float64) - bank.vectors[None].astype(np.float64), axis=2)
-    expected = np.argsort(brute, axis=1, kind="stable")[:, :k]
+    expected_distances, expected = _brute_force(bank, queries, k)
     np.testing.assert_array_equal(indices, expected)
-    np.testing.assert_allclose(distances, np.take_along_axis(brute, expected, axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-5, atol=1e-5)
     assert distances.dtype == np.float32 and distances.shape == (50, k)
     by_faiss = bank.search(queries, k)
     np.testing.assert_array_equal(by_faiss[1], indices)
