@@ -23,11 +23,11 @@ class MemoryBank:
 
     On a CPU the search is faiss's ``IndexFlatL2``. On a GPU model the banks are searched on the GPU
     (:meth:`search_by_product`), so a GPU host's CPU does none of it: with faiss the five folds cost that
-    CPU 0.6–1.2 ms per image (2 or 1 threads), an eighth to a quarter of the 5 ms the whole worker may
+    CPU 0.7–1.2 ms per image (2 or 1 threads), a sixth to a quarter of the 5 ms the whole worker may
     spend around the model, and a GPU faiss would be a second CUDA library to keep in step with torch's
-    (Meta ships it for conda only). The same product on a CPU is slower than faiss (measured on the 2-core
-    dev machine, five folds, ``k = 1``, each in its own process: 1.65 against 1.2 ms per image on one
-    thread, 0.82–0.91 against 0.64 on two), so the CPU keeps faiss. Both give the same neighbours, with
+    (Meta ships it for conda only). The same product on a CPU is about 1.5× slower than faiss
+    (``bench/bench_search.py`` on the 2-core dev machine, five folds, ``k = 1``: 1.73–1.94 against
+    1.21–1.26 ms per image on one thread), so the CPU keeps faiss. Both give the same neighbours, with
     distances within float32 rounding of each other (tested against a float64 brute force).
 
     Exact rather than approximate search keeps scores reproducible and independent of index training; the
