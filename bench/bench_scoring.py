@@ -27,6 +27,28 @@ from bench.common import cached_dacon_model, dacon_test, median, timed
 from models import PatchCoreConfig, decode_image, load_image_file
 
 
+def scoring_config(
+    *,
+    backbone: str,
+    weights: str | None,
+    batch: int,
+    layers: str | None = None,
+    align: str = PatchCoreConfig().align,
+    coreset_ratio: float = PatchCoreConfig().coreset_ratio,
+    coreset_scope: str = PatchCoreConfig().coreset_scope,
+) -> PatchCoreConfig:
+    """The model this benchmark times (bench/gpu_bundle.py fits the same ones ahead for an offline GPU)."""
+    return PatchCoreConfig(
+        backbone=backbone,
+        layers=tuple(layers.split(",")) if layers else (),
+        weights_path=weights,
+        align=align,
+        coreset_ratio=coreset_ratio,
+        coreset_scope=coreset_scope,
+        batch_size=batch,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -40,17 +62,18 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--forward-chunk", type=int, default=None, help="images per backbone pass (default: auto)")
     args = parser.parse_args()
-    config = PatchCoreConfig(
+    config = scoring_config(
         backbone=args.backbone,
-        layers=tuple(args.layers.split(",")) if args.layers else (),
-        weights_path=args.weights,
+        weights=args.weights,
+        batch=args.batch,
+        layers=args.layers,
         align=args.align,
         coreset_ratio=args.coreset_ratio,
         coreset_scope=args.coreset_scope,
-        batch_size=args.batch,
     )
     ensemble = cached_dacon_model(config, device=args.device)
-    refs = (dacon_test() * 4)[: args.batch]
+    test = dacon_test()  # the batch repeats them as needed (a GPU bundle carries only a few, bench/gpu_bundle.py)
+    refs = [test[i % len(test)] for i in range(args.batch)]
     full_size = [load_image_file(r.path) for r in refs]
     images = [decode_image(r.path.read_bytes(), size=ensemble.input_size) for r in refs]  # as the worker does
     ids = [r.id for r in refs]

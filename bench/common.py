@@ -43,17 +43,22 @@ def median(values: list[float]) -> float:
 
 def cached_dacon_model(config: PatchCoreConfig, *, device: str = "auto") -> FoldEnsemble:
     """The Dacon model for ``config``, trained once and kept under runs/bench-cache (keyed by config)."""
-    import hashlib
-    import json
-
-    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    directory = CACHE / f"dacon-{key}"
+    directory = dacon_model_directory(config)
     if (directory / "manifest.json").is_file():
         return FoldEnsemble.load(directory, device=device)
     refs = dacon_train()
     ensemble = FoldEnsemble.fit([r.id for r in refs], [r.path for r in refs], config, device=device)
     ensemble.save(directory)
     return ensemble
+
+
+def dacon_model_directory(config: PatchCoreConfig) -> Path:
+    """Where :func:`cached_dacon_model` keeps the model of ``config`` (bench/gpu_bundle.py carries it)."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return CACHE / f"dacon-{key}"
 
 
 class CpuLedger:

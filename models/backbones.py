@@ -25,12 +25,17 @@ RANDOM_WEIGHTS = "random"
 class _TorchvisionSpec:
     builder: str
     weights_enum: str
+    # builder arguments for RANDOM_WEIGHTS: a ResNet's residual branches start at zero (Goyal et al. 2017),
+    # else wide_resnet101_2's layer3 reaches 1.5e5, past float16's range, and its training store (float16)
+    # holds infinities, so no threshold can be fitted. The work per image is the same.
+    random_init: tuple[tuple[str, object], ...] = ()
 
 
+_RESNET_RANDOM_INIT = (("zero_init_residual", True),)
 _TORCHVISION: dict[str, _TorchvisionSpec] = {
-    "wide_resnet101_2": _TorchvisionSpec("wide_resnet101_2", "Wide_ResNet101_2_Weights"),
-    "wide_resnet50_2": _TorchvisionSpec("wide_resnet50_2", "Wide_ResNet50_2_Weights"),
-    "resnet50": _TorchvisionSpec("resnet50", "ResNet50_Weights"),
+    "wide_resnet101_2": _TorchvisionSpec("wide_resnet101_2", "Wide_ResNet101_2_Weights", _RESNET_RANDOM_INIT),
+    "wide_resnet50_2": _TorchvisionSpec("wide_resnet50_2", "Wide_ResNet50_2_Weights", _RESNET_RANDOM_INIT),
+    "resnet50": _TorchvisionSpec("resnet50", "ResNet50_Weights", _RESNET_RANDOM_INIT),
     "efficientnet_b1": _TorchvisionSpec("efficientnet_b1", "EfficientNet_B1_Weights"),
     "densenet121": _TorchvisionSpec("densenet121", "DenseNet121_Weights"),
 }
@@ -107,8 +112,10 @@ def _torchvision_extractor(name: str, layers: Sequence[str], weights_path: str |
 
     spec = _TORCHVISION[name]
     builder: Callable[..., nn.Module] = getattr(tvm, spec.builder)
-    model = builder(weights=None)
-    if weights_path != RANDOM_WEIGHTS:
+    if weights_path == RANDOM_WEIGHTS:
+        model = builder(weights=None, **dict(spec.random_init))
+    else:
+        model = builder(weights=None)
         path = _torchvision_weights_file(spec, weights_path)
         state = torch.load(path, map_location="cpu", weights_only=True)
         try:

@@ -23,6 +23,19 @@ def test_lite0_pretrained_weights_are_loaded():
     assert not torch.allclose(pretrained.extractor._bn0.running_var, torch.ones(32))
 
 
+def test_random_resnet_features_stay_within_the_training_stores_float16():
+    """bench/gpu_check.sh times wide_resnet101_2 with random weights: its Dacon model must still fit.
+
+    The training store keeps features as float16; a deep ResNet with its residual branches initialised at
+    random reached 1.5e5 at layer3 (float16 ends at 65504), so fitting failed on infinite scores.
+    """
+    torch.manual_seed(0)
+    backbone = build_backbone("wide_resnet101_2", ("layer2", "layer3"), weights_path="random", device="cpu")
+    for features in backbone(torch.randn(1, 3, 224, 224)):
+        stored = features.half()
+        assert torch.isfinite(stored).all() and stored.abs().max() > 0.01
+
+
 def test_torchvision_backbone_without_weights_names_the_file(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(BackboneWeightsMissingError) as info:
