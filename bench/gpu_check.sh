@@ -7,6 +7,7 @@
 # ensemble for efficientnet_lite0 (real weights) and wide_resnet101_2 (random weights: timing only) at
 # batch 32 and 128 in bf16 autocast (images/s, ms/batch, peak GPU memory), and runs the pipeline benchmark
 # on the GPU over a 2,000-image backlog (pipeline images/s, ratio to the model alone, CPU per image).
+# It also times 2048² JPEGs decoded by nvJPEG against the worker's CPU decode (bench_gpu_decode.py).
 # Every figure also lands in OUT_DIR (default runs/gpu-check) as one log per step.
 # Exits 2 when no CUDA device is visible, before installing anything heavy.
 #
@@ -86,6 +87,9 @@ for batch in $BATCHES; do
     run "scoring-wrn101-b$batch" 300 $PY bench/bench_scoring.py --device "$DEVICE" --batch "$batch" \
         --repeats "$REPEATS" --backbone wide_resnet101_2 --weights random || status=1
 done
+# 2048² JPEGs decoded by nvJPEG on the GPU against the worker's CPU path: the CPU each leaves per image.
+run "decode-jpeg-$DEVICE" 240 $PY bench/bench_gpu_decode.py --device "$DEVICE" --images 32 --batch $BATCHES \
+    --rounds "$REPEATS" || status=1
 if [ -n "$BUNDLE" ]; then
     echo "== pipeline: skipped (a bundle carries no PostgreSQL, Redis or worker packages; run it where make install works)"
 else
