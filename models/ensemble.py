@@ -140,10 +140,11 @@ class FoldEnsemble:
         return self._extractor
 
     def _search_device(self) -> torch.device | None:
-        """Where the banks are searched: the model's GPU (the CPU of a GPU host feeds the model and should do
-        nothing else), else None for the CPU. Never builds the backbone to find out."""
+        """Where the banks are searched: the model's accelerator (the CPU of a GPU host feeds the model and
+        should do nothing else), else None for faiss on the CPU; the same rule as ``MemoryBank.search``.
+        Never builds the backbone to find out."""
         device = self._extractor.device if self._extractor is not None else resolve_device(self._device)
-        return device if device.type == "cuda" else None
+        return device if device.type != "cpu" else None
 
     @property
     def input_size(self) -> int:

@@ -97,6 +97,11 @@ def test_the_device_search_holds_a_bounded_block_of_distances(bank_and_queries, 
     np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)  # the product's blocking may move a last bit
 
 
+def test_a_cpu_ensemble_leaves_its_banks_to_faiss(tile_ensemble):
+    """Only an accelerator model searches by matrix product; on a CPU faiss is faster (bench_search.py)."""
+    assert tile_ensemble._search_device() is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it there)")
 def test_a_gpu_ensemble_searches_its_banks_on_the_gpu_with_the_cpus_scores(tile_split, small_config, tmp_path):
     """The same embeddings scored by the model on the GPU (banks searched there) and on the CPU."""
