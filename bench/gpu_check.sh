@@ -16,7 +16,8 @@
 # uses that Python (GPU_CHECK_PYTHON, default python3) with the bundle's wheels, images and fitted models
 # instead of `make install`, and skips the pipeline step (it needs PostgreSQL, Redis and the worker's
 # packages). GPU_CHECK_DEVICE=cpu rehearses every step on the CPU (figures meaningless, plumbing checked);
-# GPU_CHECK_BATCHES (default "32 128") and GPU_CHECK_REPEATS (default 5) size the scoring steps.
+# GPU_CHECK_BATCHES (default "32 128") and GPU_CHECK_REPEATS (default 5) size the scoring steps,
+# GPU_CHECK_PIPELINE_IMAGES (default 2000) the pipeline's backlog.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/gpu-check}"
@@ -24,6 +25,8 @@ BUNDLE="${GPU_CHECK_BUNDLE:-}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 BATCHES="${GPU_CHECK_BATCHES:-32 128}"
 REPEATS="${GPU_CHECK_REPEATS:-5}"
+PIPELINE_IMAGES="${GPU_CHECK_PIPELINE_IMAGES:-2000}"
+export PYTHONUNBUFFERED=1  # a step stopped at its time limit still leaves what it printed in its log
 mkdir -p "$OUT"
 
 if [ "$DEVICE" = cuda ]; then
@@ -94,7 +97,8 @@ if [ -n "$BUNDLE" ]; then
     echo "== pipeline: skipped (a bundle carries no PostgreSQL, Redis or worker packages; run it where make install works)"
 else
     # PNGs only (--jpeg-size 0) and a short light-load probe, so the whole check stays within about 5 minutes.
-    run pipeline-cuda-2000 420 $PY bench/bench_pipeline.py --device "$DEVICE" --images 2000 --jpeg-size 0 \
+    run "pipeline-$DEVICE-$PIPELINE_IMAGES" 420 $PY bench/bench_pipeline.py --device "$DEVICE" \
+        --images "$PIPELINE_IMAGES" --jpeg-size 0 \
         --latency-images 5 --latency-interval 1 || status=1
 fi
 echo "gpu_check: logs in $OUT"
