@@ -139,12 +139,11 @@ class FoldEnsemble:
             self._extractor = PatchFeatureExtractor(self.config, device=self._device)
         return self._extractor
 
-    def _search_device(self) -> torch.device | None:
-        """Where the banks are searched: the model's accelerator (the CPU of a GPU host feeds the model and
-        should do nothing else), else None for faiss on the CPU; the same rule as ``MemoryBank.search``.
-        Never builds the backbone to find out."""
-        device = self._extractor.device if self._extractor is not None else resolve_device(self._device)
-        return device if device.type != "cpu" else None
+    def _search_device(self) -> torch.device:
+        """The model's device, where its banks are searched: ``MemoryBank.search`` keeps an accelerator's
+        search there (the CPU of a GPU host feeds the model and should do nothing else) and gives a CPU's to
+        faiss. Never builds the backbone to find out."""
+        return self._extractor.device if self._extractor is not None else resolve_device(self._device)
 
     @property
     def input_size(self) -> int:

@@ -97,9 +97,21 @@ def test_the_device_search_holds_a_bounded_block_of_distances(bank_and_queries, 
     np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)  # the product's blocking may move a last bit
 
 
-def test_a_cpu_ensemble_leaves_its_banks_to_faiss(tile_ensemble):
+def test_a_cpu_ensemble_leaves_its_banks_to_faiss(tile_ensemble, tile_split, monkeypatch):
     """Only an accelerator model searches by matrix product; on a CPU faiss is faster (bench_search.py)."""
-    assert tile_ensemble._search_device() is None
+    from models import load_image_file
+
+    products: list[torch.device] = []
+    search_by_product = MemoryBank.search_by_product
+
+    def recorded(self, queries, k, *, device):
+        products.append(device)
+        return search_by_product(self, queries, k, device=device)
+
+    monkeypatch.setattr(MemoryBank, "search_by_product", recorded)
+    images = [load_image_file(ref.path, size=tile_ensemble.input_size) for ref in tile_split.test_bad[:2]]
+    scored = tile_ensemble.score_embeddings(tile_ensemble.extractor.embed(images), ["a", "b"])
+    assert len(scored) == 2 and products == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it there)")
